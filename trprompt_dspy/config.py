@@ -1,0 +1,259 @@
+"""Budgets and training settings for :class:`~trprompt_dspy.TRPromptOptimizer`.
+
+* :data:`AUTO_BUDGETS` — the ``auto="light" | "medium" | "heavy"`` presets.
+* :class:`Budget` — the resolved loop sizes, with the projected number of LM calls and SFT steps.
+* :class:`LoraSettings` / :class:`SFTSettings` — plain dataclasses that map onto PEFT's ``LoraConfig``
+  and TRL's ``SFTConfig``. ``SFTConfig`` is built from its own field list, so a TRL rename (such as
+  ``max_seq_length`` → ``max_length``) gives a clear error instead of a silent no-op.
+
+Example:
+    >>> b = Budget.from_auto("light")
+    >>> b.num_iterations, b.queries_per_iteration, b.prompts_per_query
+    (2, 12, 2)
+    >>> LoraSettings.from_value({"r": 16}).r
+    16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["AUTO_BUDGETS", "AutoLevel", "Budget", "LoraSettings", "SFTSettings"]
+
+AutoLevel = Literal["light", "medium", "heavy"]
+
+#: Loop sizes per ``auto`` level. ``val_size`` caps how many validation examples score each candidate.
+AUTO_BUDGETS: dict[str, dict[str, int]] = {
+    "light": dict(num_iterations=2, queries_per_iteration=12, prompts_per_query=2,
+                  textgrad_steps=1, textgrad_batch_size=4, val_size=24),
+    "medium": dict(num_iterations=3, queries_per_iteration=32, prompts_per_query=3,
+                   textgrad_steps=2, textgrad_batch_size=6, val_size=64),
+    "heavy": dict(num_iterations=5, queries_per_iteration=64, prompts_per_query=4,
+                  textgrad_steps=3, textgrad_batch_size=8, val_size=200),
+}
+
+_COUNT_FIELDS = ("num_iterations", "queries_per_iteration", "prompts_per_query",
+                 "textgrad_steps", "textgrad_batch_size", "val_size")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Resolved loop sizes of one compile.
+
+    Attributes:
+        num_iterations: Outer TRPrompt iterations K.
+        queries_per_iteration: Training queries sampled per iteration.
+        prompts_per_query: Instructions sampled (and rolled out) per query, M.
+        textgrad_steps: TextGrad updates of the optimal textual reward per iteration.
+        textgrad_batch_size: Queries per TextGrad minibatch.
+        val_size: Validation examples used to score each iteration's candidate.
+        max_metric_calls: Optional hard cap on metric calls; the loop stops early when reached.
+    """
+
+    num_iterations: int
+    queries_per_iteration: int
+    prompts_per_query: int
+    textgrad_steps: int
+    textgrad_batch_size: int
+    val_size: int
+    max_metric_calls: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            minimum = 0 if name == "textgrad_steps" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+        if self.max_metric_calls is not None and (
+            not isinstance(self.max_metric_calls, int) or self.max_metric_calls < 1
+        ):
+            raise ValueError(f"max_metric_calls must be a positive integer or None; got {self.max_metric_calls!r}.")
+
+    @classmethod
+    def from_auto(cls, auto: str, *, max_metric_calls: int | None = None) -> Budget:
+        if auto not in AUTO_BUDGETS:
+            raise ValueError(f"auto must be one of {sorted(AUTO_BUDGETS)}; got auto={auto!r}.")
+        return cls(**AUTO_BUDGETS[auto], max_metric_calls=max_metric_calls)
+
+    @classmethod
+    def resolve(cls, auto: str | None, counts: dict[str, int | None], max_metric_calls: int | None) -> Budget:
+        """Build a budget from ``auto`` *or* explicit counts (unset counts default to ``"light"``)."""
+        given = {k: v for k, v in counts.items() if v is not None}
+        unknown = set(given) - set(_COUNT_FIELDS)
+        if unknown:
+            raise ValueError(f"Unknown budget knobs {sorted(unknown)}; valid: {list(_COUNT_FIELDS)}.")
+        if auto is not None and given:
+            raise ValueError(
+                "Set either auto=... or explicit counts, not both. "
+                f"You set auto={auto!r} and {', '.join(f'{k}={v!r}' for k, v in given.items())}."
+            )
+        if auto is None and not given and max_metric_calls is None:
+            raise ValueError(
+                "Set a budget: auto='light'|'medium'|'heavy', or explicit counts such as "
+                "num_iterations=2, queries_per_iteration=16, prompts_per_query=2 (or max_metric_calls=...)."
+            )
+        if auto is not None:
+            return cls.from_auto(auto, max_metric_calls=max_metric_calls)
+        return cls(**{**AUTO_BUDGETS["light"], **given}, max_metric_calls=max_metric_calls)
+
+    def projected_calls(self, *, num_predictors: int, val_size: int, sft_batch_size: int,
+                        sft_epochs: float, accumulate: bool) -> dict[str, int]:
+        """Projected work of the whole compile (an upper bound; early stops make it smaller)."""
+        k, q, m = self.num_iterations, self.queries_per_iteration, self.prompts_per_query
+        rollouts = k * q * m
+        # TextGrad per step: candidate evaluation on a minibatch + loss, gradient and update calls.
+        tg_rollouts = k * self.textgrad_steps * self.textgrad_batch_size * 2
+        validation = (k + 1) * min(val_size, self.val_size)
+        program_runs = rollouts + tg_rollouts + validation
+        if accumulate:
+            sft_examples = sum(q * m * num_predictors * (i + 1) for i in range(k))
+        else:
+            sft_examples = rollouts * num_predictors
+        return {
+            "program_runs": program_runs,
+            "target_lm_calls": program_runs * num_predictors,
+            "prompt_model_calls": program_runs * num_predictors,
+            "reward_lm_calls": rollouts,
+            "textgrad_lm_calls": k * self.textgrad_steps * 3,
+            "metric_calls": program_runs,
+            "sft_steps": math.ceil(sft_examples * sft_epochs / max(1, sft_batch_size)),
+        }
+
+
+def _from_value(cls: type, value: Any, what: str) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(value) - names
+        if unknown:
+            raise ValueError(
+                f"Unknown {what} settings {sorted(unknown)}. Valid keys: {sorted(names)}. "
+                f"Put other {what} options in the 'extra' dict."
+            )
+        return cls(**value)
+    raise TypeError(f"{what} must be a {cls.__name__}, a dict or None; got {type(value).__name__}.")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings; fields map one-to-one onto ``peft.LoraConfig``.
+
+    ``extra`` passes further ``LoraConfig`` fields through (checked against ``LoraConfig``'s own fields).
+    """
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer; got r={self.r!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @classmethod
+    def from_value(cls, value: LoraSettings | dict[str, Any] | None) -> LoraSettings:
+        return _from_value(cls, value, "LoRA")
+
+    def to_peft(self) -> Any:
+        """Build ``peft.LoraConfig`` (imports peft lazily)."""
+        from trprompt_dspy._lazy import require
+
+        peft = require("peft", extra="train")
+        kwargs = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                      target_modules=list(self.target_modules), bias=self.bias, task_type="CAUSAL_LM")
+        kwargs.update(_checked_extra(peft.LoraConfig, self.extra, "LoraConfig"))
+        return peft.LoraConfig(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Supervised fine-tuning settings; fields map onto ``trl.SFTConfig``.
+
+    Attributes:
+        accumulate: Train each iteration on the data of all iterations so far (``True``) or only on the
+            newest iteration's data (``False``). Not an ``SFTConfig`` field.
+        min_score: Keep only rollouts whose metric score is at least this (``None`` keeps all: TRPrompt
+            learns from bad outcomes too, because the textual reward describes them).
+        bf16: ``"auto"`` uses bf16 autocast when the hardware supports it (CPU with AVX512-BF16, CUDA).
+        extra: Further ``SFTConfig`` fields, checked against ``SFTConfig``'s own field list.
+    """
+
+    learning_rate: float = 5e-4
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    logging_steps: int = 1
+    bf16: bool | Literal["auto"] = "auto"
+    gradient_checkpointing: bool = False
+    accumulate: bool = True
+    min_score: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}.")
+        if self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs must be > 0; got {self.num_train_epochs!r}.")
+        if not isinstance(self.per_device_train_batch_size, int) or self.per_device_train_batch_size < 1:
+            raise ValueError(f"per_device_train_batch_size must be a positive integer; got "
+                             f"{self.per_device_train_batch_size!r}.")
+        if "max_seq_length" in self.extra:
+            raise ValueError("TRL renamed SFTConfig.max_seq_length to max_length; set SFTSettings(max_length=...).")
+
+    @classmethod
+    def from_value(cls, value: SFTSettings | dict[str, Any] | None) -> SFTSettings:
+        return _from_value(cls, value, "SFT")
+
+    def to_trl(self, *, output_dir: str, seed: int, use_cpu: bool, bf16_supported: bool) -> Any:
+        """Build ``trl.SFTConfig`` from its own fields (imports trl lazily)."""
+        from trprompt_dspy._lazy import require
+
+        trl = require("trl", extra="train")
+        bf16 = bf16_supported if self.bf16 == "auto" else bool(self.bf16)
+        kwargs: dict[str, Any] = dict(
+            output_dir=output_dir, seed=seed, data_seed=seed, use_cpu=use_cpu, bf16=bf16,
+            learning_rate=self.learning_rate, num_train_epochs=self.num_train_epochs,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, max_length=self.max_length,
+            lr_scheduler_type=self.lr_scheduler_type, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, logging_steps=self.logging_steps,
+            completion_only_loss=True,
+            save_strategy="no", report_to="none", disable_tqdm=True,
+        )
+        # transformers 5 renamed gradient_checkpointing -> activation_checkpointing (old name deprecated).
+        fields = {f.name for f in dataclasses.fields(trl.SFTConfig)}
+        ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        kwargs[ckpt] = self.gradient_checkpointing
+        kwargs.update(self.extra)
+        return trl.SFTConfig(**_checked_extra(trl.SFTConfig, kwargs, "SFTConfig"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _checked_extra(cls: type, kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+    if names is not None:
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"{what} has no field(s) {unknown} in the installed version; check the spelling "
+                             f"or the installed peft/trl version.")
+    return kwargs

@@ -1,0 +1,373 @@
+"""One TRPrompt compile, step by step, with a checkpoint after every step (see ``checkpoint.py``).
+
+:class:`TRPromptRun` is created by :meth:`TRPromptOptimizer.compile` after all input checks; it owns the
+run's state (t*, the best iteration, counters) and calls the step functions in ``rollouts.py``,
+``reward.py``, the prompt model's ``train`` and ``refine.py``. Each step first looks for its finished
+output in ``log_dir`` and reuses it, so a killed compile resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dspy
+
+from trprompt_dspy.checkpoint import RunDirectory
+from trprompt_dspy.prompt_model.base import PromptModel, SFTExample
+from trprompt_dspy.results import IterationStats, TRPromptResult
+from trprompt_dspy.usage import UsageMeter
+
+if TYPE_CHECKING:
+    from trprompt_dspy.optimizer import TRPromptOptimizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TRPromptRun", "CompileError"]
+
+
+class CompileError(RuntimeError):
+    """The compile cannot continue (e.g. every rollout failed); the checkpoint in log_dir is kept."""
+
+
+class TRPromptRun:
+    """State and steps of one compile. Not part of the public API: use ``TRPromptOptimizer.compile``."""
+
+    def __init__(self, *, optimizer: TRPromptOptimizer, student: dspy.Module, trainset: list[dspy.Example],
+                 valset: list[dspy.Example], prompt_model: PromptModel, reward_lm: dspy.BaseLM,
+                 textgrad_lm: dspy.BaseLM, run_dir: RunDirectory, meter: UsageMeter) -> None:
+        from trprompt_dspy.metric_adapter import MetricAdapter
+
+        self.opt, self.student, self.trainset, self.valset = optimizer, student, trainset, valset
+        self.pm, self.reward_lm, self.textgrad_lm = prompt_model, reward_lm, textgrad_lm
+        self.run_dir, self.meter = run_dir, meter
+        self.budget = optimizer.budget
+        self.metric = MetricAdapter(optimizer.metric)
+        self.metric_calls = 0
+        self.t_star = optimizer.initial_reward
+        self.t_history: list[str] = [self.t_star]
+        self.stats: list[IterationStats] = []
+        self.best: dict[str, Any] = {"iteration": None, "score": None, "adapter": None, "t_star": self.t_star}
+        self.baseline_score: float | None = None
+        self.started = time.perf_counter()
+
+    # -- orchestration ---------------------------------------------------------------------------
+    def execute(self) -> dspy.Module:
+        from dspy.utils.usage_tracker import track_usage
+
+        from trprompt_dspy.program import install_query_aware
+
+        resumed = self.run_dir.prepare()
+        self._restore_state() if resumed else None
+        self._log_projection()
+        program = self.student.deepcopy()
+        install_query_aware(program, prompt_model=self.pm, optimal_reward=self.t_star,
+                            predictors=self.opt.predictors,
+                            generation={"temperature": 0.0, "max_new_tokens": self.opt.max_instruction_tokens})
+        with track_usage() as tracker:
+            self._smoke_test()
+            if self.baseline_score is None:
+                self.baseline_score = self._baseline()
+            for k in range(len(self.stats), self.budget.num_iterations):
+                if self._budget_exhausted():
+                    logger.warning("max_metric_calls=%s reached after %d iteration(s); stopping early.",
+                                   self.budget.max_metric_calls, k)
+                    break
+                self._iteration(k, program)
+                self._save_state()
+            tokens = {m: {k: int(v) for k, v in u.items() if isinstance(v, (int, float))}
+                      for m, u in tracker.get_total_tokens().items()}
+        self._finalize(program)
+        if self.opt.track_stats:
+            program.detailed_results = self._result(tokens)
+        return program
+
+    def _iteration(self, k: int, program: dspy.Module) -> None:
+        from trprompt_dspy.program import query_aware_predictors
+
+        d = self.run_dir.iter_dir(k)
+        seconds: dict[str, float] = {}
+        logger.info("==> TRPrompt iteration %d/%d", k + 1, self.budget.num_iterations)
+        with _timed(seconds, "rollouts"):
+            rollouts = self._rollouts(k, program, d)
+        live = [r for r in rollouts if not r.error]
+        if not live:
+            first = next((r.error for r in rollouts if r.error), "unknown error")
+            raise CompileError(
+                f"Every rollout of iteration {k} failed, e.g.: {first}. Check the target LM and the metric; "
+                f"the checkpoint in {self.run_dir.root} is kept, so re-running compile resumes here."
+            )
+        with _timed(seconds, "sft"):
+            sft_examples, n_filtered = self._sft_data(k, rollouts, d)
+            train = self._train(k, sft_examples, d)
+        with _timed(seconds, "textgrad"):
+            accepted = self._refine(k, program, d)
+        for p in query_aware_predictors(program).values():
+            p.optimal_reward = self.t_star
+        with _timed(seconds, "validation"):
+            val_score = self._validate(k, program, d)
+        if self.best["score"] is None or val_score > self.best["score"]:
+            self.best = {"iteration": k, "score": val_score, "adapter": train.get("adapter_path"),
+                         "t_star": self.t_star}
+        self.stats.append(IterationStats(
+            iteration=k,
+            rollout_score=sum(r.score for r in rollouts) / len(rollouts),
+            val_score=val_score,
+            t_star=self.t_star,
+            t_star_accepted=accepted,
+            num_rollouts=len(rollouts),
+            num_sft_examples=len(sft_examples),
+            sft_steps=int(train.get("steps", 0)),
+            sft_loss=tuple(train.get("losses", ())),
+            redacted_rewards=sum(1 for r in rollouts if r.reward_redactions),
+            filtered_instructions=n_filtered,
+            seconds=seconds,
+        ))
+        logger.info("Iteration %d: rollout score %.3f, validation score %.3f (baseline %.3f), %s",
+                    k, self.stats[-1].rollout_score, val_score, self.baseline_score or 0.0,
+                    ", ".join(f"{p} {s:.0f}s" for p, s in seconds.items()))
+
+    # -- step 1: rollouts + textual rewards ------------------------------------------------------
+    def _rollouts(self, k: int, program: dspy.Module, d: Path) -> list[Any]:
+        from trprompt_dspy.reward import TextualRewardModel
+        from trprompt_dspy.rollouts import Rollout, run_rollouts
+
+        final = d / "rollouts.json"
+        saved = self.run_dir.read_json(final)
+        if saved is not None:
+            return [Rollout.from_dict(r) for r in saved]
+        rng = random.Random(self.opt.seed * 1000 + k)
+        n_q = min(self.budget.queries_per_iteration, len(self.trainset))
+        n_q = self._cap_by_budget(n_q, per_item=self.budget.prompts_per_query)
+        queries = rng.sample(self.trainset, n_q)
+        partial = d / "rollouts.partial.jsonl"
+        done = {(r["example_index"], r["sample_index"]): Rollout.from_dict(r)
+                for r in self.run_dir.read_jsonl(partial)}
+        writer = self.pm
+        if k == 0 and self.opt.seed_lm is not None:
+            from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+
+            writer = LMInstructionWriter(self.opt.seed_lm)
+        with self._role("target"):
+            fresh = run_rollouts(
+                program, queries, prompt_model=writer, reward_text=self.t_star,
+                samples_per_query=self.budget.prompts_per_query, temperature=self.opt.sampling_temperature,
+                seed=self.opt.seed * 1000 + k, metric=self.metric, num_threads=self.opt.num_threads,
+                failure_score=self.opt.failure_score, display_progress=self.opt.display_progress,
+                on_result=lambda r: self.run_dir.append_jsonl(partial, r.to_dict()), skip=set(done),
+            )
+        self.metric_calls += len(fresh)
+        self.meter.count("prompt_model", sum(len(r.instructions) for r in fresh))
+        rollouts = sorted([*done.values(), *fresh], key=lambda r: (r.example_index, r.sample_index))
+        for r in rollouts:
+            if r.error:
+                self.meter.fail("program_error")
+        with self._role("reward"):
+            TextualRewardModel(self.reward_lm).score_rollouts(
+                [r for r in rollouts if not r.error], num_threads=self.opt.num_threads)
+        for r in rollouts:
+            if not r.error and not r.reward:
+                self.meter.fail("reward_error")
+        self.run_dir.write_json(final, [r.to_dict() for r in rollouts])
+        return rollouts
+
+    # -- step 2: fine-tune the prompt model ------------------------------------------------------
+    def _sft_data(self, k: int, rollouts: list[Any], d: Path) -> tuple[list[SFTExample], int]:
+        from trprompt_dspy.rollouts import Rollout, build_sft_examples
+
+        pool = list(rollouts)
+        if self.opt.sft.accumulate:
+            for j in range(k):
+                saved = self.run_dir.read_json(self.run_dir.iter_dir(j) / "rollouts.json") or []
+                pool += [Rollout.from_dict(r) for r in saved]
+        examples, n_filtered = build_sft_examples(pool, leak_filter=True, min_score=self.opt.sft.min_score)
+        self.run_dir.write_jsonl(d / "sft.jsonl", [e.to_dict() for e in examples])
+        return examples, n_filtered
+
+    def _train(self, k: int, examples: list[SFTExample], d: Path) -> dict[str, Any]:
+        from trprompt_dspy.checkpoint import atomic_replace_dir
+
+        saved = self.run_dir.read_json(d / "train.json")
+        adapter = d / "adapter"
+        if saved is not None and adapter.is_dir():
+            self.pm.load_adapter(adapter)
+            return saved
+        if not examples:
+            raise CompileError(
+                f"Iteration {k} produced no usable SFT examples (every instruction was empty or stated the "
+                "answer). Try seed_lm=<a stronger dspy.LM> for iteration 0, or more prompts_per_query."
+            )
+        staging = self.run_dir.staging_dir(adapter)
+        result = self.pm.train(examples, output_dir=staging, lora=self.opt.lora, sft=self.opt.sft,
+                               seed=self.opt.seed + k)
+        atomic_replace_dir(staging, adapter)
+        self.pm.load_adapter(adapter)
+        info = {**result.to_dict(), "adapter_path": str(adapter)}
+        self.run_dir.write_json(d / "train.json", info)
+        return info
+
+    # -- step 3: refine the optimal textual reward ----------------------------------------------
+    def _refine(self, k: int, program: dspy.Module, d: Path) -> bool:
+        saved = self.run_dir.read_json(d / "refine.json")
+        if saved is not None:
+            self.t_star = saved["value"]
+            return bool(saved["accepted"])
+        if self.budget.textgrad_steps == 0:
+            return False
+        from trprompt_dspy.refine import DSPyTextGradEngine, refine_optimal_reward
+        from trprompt_dspy.rollouts import evaluate_program
+
+        rng = random.Random(self.opt.seed * 1000 + 500 + k)
+        batch = rng.sample(self.trainset, min(self.budget.textgrad_batch_size, len(self.trainset)))
+        engine = DSPyTextGradEngine(self.textgrad_lm)
+
+        def evaluate(t: str) -> Any:
+            self.metric_calls += len(batch)
+            with self._role("target"):
+                return evaluate_program(program, batch, metric=self.metric, num_threads=self.opt.num_threads,
+                                        reward_text=t, prompt_model=self.pm)
+
+        result = refine_optimal_reward(self.t_star, evaluate=evaluate, engine=engine,
+                                       steps=self.budget.textgrad_steps)
+        self.meter.count("textgrad", getattr(engine, "calls", 0))
+        for h in result.history:
+            if h.get("error"):
+                self.meter.fail("textgrad_" + str(h.get("error_kind", "error")))
+        if result.value != self.t_star:
+            self.t_history.append(result.value)
+        self.t_star = result.value
+        self.run_dir.write_json(d / "refine.json", {"value": result.value, "accepted": result.accepted,
+                                                    "history": result.history})
+        return bool(result.accepted)
+
+    # -- step 4: validation and selection -------------------------------------------------------
+    def _validate(self, k: int, program: dspy.Module, d: Path) -> float:
+        saved = self.run_dir.read_json(d / "val.json")
+        if saved is not None:
+            return float(saved["score"])
+        from trprompt_dspy.rollouts import evaluate_program
+
+        self.metric_calls += len(self.valset)
+        with self._role("target"):
+            res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.opt.num_threads,
+                                   reward_text=self.t_star, prompt_model=self.pm)
+        self.run_dir.write_json(d / "val.json", {"score": res.score, "scores": res.scores,
+                                                 "t_star": self.t_star})
+        return float(res.score)
+
+    def _baseline(self) -> float:
+        saved = self.run_dir.read_json(self.run_dir.root / "baseline.json")
+        if saved is not None:
+            return float(saved["score"])
+        from trprompt_dspy.rollouts import evaluate_program
+
+        self.metric_calls += len(self.valset)
+        with self._role("target"):
+            res = evaluate_program(self.student.deepcopy(), self.valset, metric=self.metric,
+                                   num_threads=self.opt.num_threads)
+        self.run_dir.write_json(self.run_dir.root / "baseline.json", {"score": res.score, "scores": res.scores})
+        logger.info("Baseline (uncompiled student) validation score: %.3f on %d examples.",
+                    res.score, len(self.valset))
+        return float(res.score)
+
+    def _smoke_test(self) -> None:
+        """Run the student once on trainset[0] and call the metric, so setup errors surface immediately."""
+        ex = self.trainset[0]
+        try:
+            with self._role("target"):
+                pred = self.student.deepcopy()(**ex.inputs())
+        except Exception as exc:
+            raise CompileError(
+                f"The student program failed on trainset[0] before optimization started: "
+                f"{type(exc).__name__}: {exc}. Fix the program or its LM first."
+            ) from exc
+        self.metric(ex, pred, None, strict=True)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _finalize(self, program: dspy.Module) -> None:
+        from trprompt_dspy.program import query_aware_predictors
+
+        best_adapter = self.best.get("adapter")
+        if best_adapter:
+            self.pm.load_adapter(best_adapter)
+        for p in query_aware_predictors(program).values():
+            p.optimal_reward = self.best.get("t_star") or self.t_star
+        program._compiled = True
+        if self.best["score"] is not None and self.baseline_score is not None \
+                and self.best["score"] < self.baseline_score:
+            logger.warning(
+                "The best TRPrompt iteration (%.3f) scored below the uncompiled student (%.3f) on the valset.",
+                self.best["score"], self.baseline_score)
+
+    def _result(self, tokens: dict[str, dict[str, int]]) -> TRPromptResult:
+        snap = self.meter.snapshot()
+        return TRPromptResult(
+            iterations=tuple(self.stats), best_iteration=self.best["iteration"],
+            baseline_score=self.baseline_score, best_score=self.best["score"],
+            t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
+            failures=snap["failures"], seed=self.opt.seed, log_dir=str(self.run_dir.root),
+            budget=dict(self.budget.__dict__), seconds=time.perf_counter() - self.started,
+        )
+
+    def _save_state(self) -> None:
+        self.run_dir.write_json(self.run_dir.root / "state.json", {
+            "completed_iterations": len(self.stats), "t_star": self.t_star, "t_history": self.t_history,
+            "best": self.best, "stats": [s.to_dict() for s in self.stats], "meter": self.meter.snapshot(),
+            "metric_calls": self.metric_calls, "baseline_score": self.baseline_score,
+        })
+
+    def _restore_state(self) -> None:
+        state = self.run_dir.read_json(self.run_dir.root / "state.json")
+        if not state:
+            return
+        self.t_star, self.t_history = state["t_star"], list(state["t_history"])
+        self.best, self.baseline_score = state["best"], state.get("baseline_score")
+        self.stats = [IterationStats.from_dict(s) for s in state["stats"]]
+        self.metric_calls = int(state.get("metric_calls", 0))
+        self.meter.restore(state.get("meter"))
+        last = self.run_dir.iter_dir(len(self.stats) - 1) / "adapter" if self.stats else None
+        if last is not None and last.is_dir():
+            self.pm.load_adapter(last)
+        logger.info("Resumed after %d complete iteration(s); t* = %r", len(self.stats), self.t_star[:80])
+
+    def _log_projection(self) -> None:
+        p = self.budget.projected_calls(
+            num_predictors=len(self.opt.predictors or list(self.student.named_predictors())),
+            val_size=len(self.valset), sft_batch_size=self.opt.sft.per_device_train_batch_size,
+            sft_epochs=self.opt.sft.num_train_epochs, accumulate=self.opt.sft.accumulate)
+        logger.info(
+            "TRPrompt plan: %d iterations x %d queries x %d instructions; up to %d program runs "
+            "(%d target-LM calls, %d prompt-model calls), %d reward-LM calls, about %d TextGrad-LM calls "
+            "and %d LoRA SFT steps in all; %d validation examples, %d training examples. log_dir=%s",
+            self.budget.num_iterations, self.budget.queries_per_iteration, self.budget.prompts_per_query,
+            p["program_runs"], p["target_lm_calls"], p["prompt_model_calls"], p["reward_lm_calls"],
+            p["textgrad_lm_calls"], p["sft_steps"], len(self.valset), len(self.trainset), self.run_dir.root)
+
+    def _budget_exhausted(self) -> bool:
+        cap = self.budget.max_metric_calls
+        return cap is not None and self.metric_calls >= cap
+
+    def _cap_by_budget(self, n_queries: int, *, per_item: int) -> int:
+        cap = self.budget.max_metric_calls
+        if cap is None:
+            return n_queries
+        return max(1, min(n_queries, (cap - self.metric_calls) // max(1, per_item)))
+
+    @contextmanager
+    def _role(self, role: str) -> Iterator[None]:
+        with dspy.context(callbacks=[*dspy.settings.callbacks, self.meter.callback(role)]):
+            yield
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0

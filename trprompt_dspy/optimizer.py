@@ -1,0 +1,288 @@
+"""``TRPromptOptimizer``: query-aware prompt optimization from textual rewards, as a DSPy optimizer.
+
+The whole algorithm, one iteration ``k`` at a time (each step lives in its own module)::
+
+    t* = initial_reward                                   # "the ideal outcome", no prompt dataset needed
+    for k in range(K):
+        rollouts = run_rollouts(...)                      # rollouts.py: Π samples M instructions/query,
+                                                          #   the frozen target answers, the metric scores
+        rewards  = TextualRewardModel.score(rollouts)     # reward.py: R critiques each rollout (no answer leaks)
+        Π.train(build_sft_examples(rollouts))             # finetune.py: LoRA SFT on (query, reward) -> instruction
+        t* = refine_optimal_reward(t*, ...)               # refine.py: TextGrad step, kept only if not worse
+        score_k = evaluate_program(candidate_k, valset)   # select the best iteration
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import dspy
+from dspy.teleprompt import Teleprompter
+
+from trprompt_dspy.checkpoint import RunDirectory
+from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+from trprompt_dspy.prompt_model.base import PromptModel
+from trprompt_dspy.usage import UsageMeter
+from trprompt_dspy.validation import check_number, check_positive_int, validate_dataset, validate_program
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TRPromptOptimizer", "DEFAULT_INITIAL_REWARD"]
+
+#: t*_0: a short description of an ideal outcome (the paper starts from such a text, not from prompts).
+DEFAULT_INITIAL_REWARD = (
+    "The response reasons step by step, uses every quantity in the query correctly, checks each "
+    "calculation, and ends with the correct final answer in the requested format."
+)
+
+
+class TRPromptOptimizer(Teleprompter):
+    """Compile a DSPy program so a small trained prompt model writes a per-query instruction.
+
+    TRPrompt (Nica et al., 2025, arXiv 2507.18618) learns a *prompt model* Π that maps a query and a
+    *textual reward* to an instruction for the frozen *target* model. Training bootstraps its own data:
+    Π proposes instructions, the target answers, a *reward model* writes a critique (the textual reward)
+    of each outcome, and Π is fine-tuned (LoRA) to produce the instruction given the query and its
+    critique. At inference Π is conditioned on an *optimal textual reward* t*, refined with TextGrad.
+
+    Args:
+        metric: ``metric(example, pred, trace=None) -> float | bool``, or a GEPA-style feedback metric
+            returning ``dspy.Prediction(score=..., feedback=...)``; the feedback text is shown to the
+            reward model.
+        prompt_model: A :class:`~trprompt_dspy.prompt_model.base.PromptModel`, or a model preset / HF id /
+            local path for the default HF transformers + PEFT backend. Default: ``"smollm2-135m-instruct"``.
+        reward_lm: The textual reward model R. Default: the target LM (the student's LM or ``dspy.settings.lm``).
+        textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``.
+        seed_lm: If set, iteration 0's instructions come from this (stronger) ``dspy.LM`` instead of the
+            untrained Π, which tends to solve the query instead of writing an instruction.
+        auto: Budget preset, ``"light"``, ``"medium"`` or ``"heavy"``. Set this *or* explicit counts.
+        num_iterations: K, the outer iterations.
+        queries_per_iteration: Training queries rolled out per iteration.
+        prompts_per_query: M, instructions sampled per query.
+        textgrad_steps: TextGrad updates of t* per iteration (0 disables refinement).
+        textgrad_batch_size: Queries per TextGrad minibatch.
+        val_size: Validation examples that score each iteration.
+        max_metric_calls: Hard cap on metric calls; the loop stops early when it is reached.
+        lora: :class:`~trprompt_dspy.config.LoraSettings` or a dict of its fields.
+        sft: :class:`~trprompt_dspy.config.SFTSettings` or a dict of its fields.
+        initial_reward: t*_0, the description of an ideal outcome.
+        predictors: Names of the predictors to make query-aware (default: all).
+        sampling_temperature: Π's temperature when sampling instructions for rollouts.
+        max_instruction_tokens: Cap on the length of each generated instruction.
+        num_threads: Parallel program runs (keeps batching backends busy).
+        failure_score: Score given to a rollout whose program run raised.
+        seed: Seeds every random choice (query sampling, Π sampling, fine-tuning).
+        log_dir: Checkpoint folder; re-running compile with the same folder resumes. Default: a new
+            temporary folder.
+        track_stats: Attach a :class:`~trprompt_dspy.results.TRPromptResult` as ``compiled.detailed_results``.
+        display_progress: Show tqdm progress bars per phase.
+
+    Example:
+        >>> import dspy
+        >>> from trprompt_dspy import TRPromptOptimizer
+        >>> from trprompt_dspy.metrics import gsm8k_metric
+        >>> opt = TRPromptOptimizer(metric=gsm8k_metric, auto="light")
+        >>> opt.budget.num_iterations
+        2
+
+        Then ``compiled = opt.compile(dspy.ChainOfThought("question -> answer"), trainset=train)``;
+        ``compiled(question=...)`` shows the instruction it wrote as ``query_instruction``.
+    """
+
+    def __init__(
+        self,
+        metric: Callable[..., Any],
+        *,
+        # Models
+        prompt_model: PromptModel | str | Path | None = "smollm2-135m-instruct",
+        reward_lm: dspy.BaseLM | None = None,
+        textgrad_lm: dspy.BaseLM | None = None,
+        seed_lm: dspy.BaseLM | None = None,
+        # Budget: exactly one of `auto` or explicit counts
+        auto: Literal["light", "medium", "heavy"] | None = None,
+        num_iterations: int | None = None,
+        queries_per_iteration: int | None = None,
+        prompts_per_query: int | None = None,
+        textgrad_steps: int | None = None,
+        textgrad_batch_size: int | None = None,
+        val_size: int | None = None,
+        max_metric_calls: int | None = None,
+        # Prompt-model training
+        lora: LoraSettings | dict[str, Any] | None = None,
+        sft: SFTSettings | dict[str, Any] | None = None,
+        # Algorithm
+        initial_reward: str = DEFAULT_INITIAL_REWARD,
+        predictors: Sequence[str] | None = None,
+        sampling_temperature: float = 0.9,
+        max_instruction_tokens: int = 128,
+        # Execution
+        num_threads: int = 1,
+        failure_score: float = 0.0,
+        seed: int = 0,
+        # Logging
+        log_dir: str | Path | None = None,
+        track_stats: bool = True,
+        display_progress: bool = True,
+    ) -> None:
+        super().__init__()
+        from trprompt_dspy.metric_adapter import check_metric_arity
+
+        check_metric_arity(metric)
+        self.metric = metric
+        self.budget = Budget.resolve(
+            auto,
+            dict(num_iterations=num_iterations, queries_per_iteration=queries_per_iteration,
+                 prompts_per_query=prompts_per_query, textgrad_steps=textgrad_steps,
+                 textgrad_batch_size=textgrad_batch_size, val_size=val_size),
+            max_metric_calls,
+        )
+        self.auto = auto
+        if prompt_model is None or isinstance(prompt_model, (str, Path)):
+            from trprompt_dspy.models import check_model_reference
+
+            check_model_reference(str(prompt_model or "smollm2-135m-instruct"))
+        elif not isinstance(prompt_model, PromptModel):
+            raise TypeError(
+                "prompt_model must be a PromptModel (e.g. HFPromptModel(...)), a model preset name, an HF id "
+                f"or a local path; got {type(prompt_model).__name__}."
+            )
+        self.prompt_model = prompt_model
+        for name, lm in (("reward_lm", reward_lm), ("textgrad_lm", textgrad_lm), ("seed_lm", seed_lm)):
+            if lm is not None and not isinstance(lm, dspy.BaseLM):
+                raise TypeError(f"{name} must be a dspy.LM (or dspy.BaseLM); got {type(lm).__name__}.")
+        self.reward_lm, self.textgrad_lm, self.seed_lm = reward_lm, textgrad_lm, seed_lm
+        self.lora = LoraSettings.from_value(lora)
+        self.sft = SFTSettings.from_value(sft)
+        if not isinstance(initial_reward, str) or not initial_reward.strip():
+            raise ValueError(f"initial_reward must be a non-empty string; got {initial_reward!r}.")
+        self.initial_reward = initial_reward.strip()
+        if predictors is not None and (isinstance(predictors, str) or not all(isinstance(p, str) for p in predictors)):
+            raise TypeError(f"predictors must be a list of predictor names; got {predictors!r}.")
+        self.predictors = list(predictors) if predictors is not None else None
+        check_number("sampling_temperature", sampling_temperature, low=0.0, high=5.0)
+        self.sampling_temperature = float(sampling_temperature)
+        check_positive_int("max_instruction_tokens", max_instruction_tokens, minimum=8)
+        self.max_instruction_tokens = max_instruction_tokens
+        check_positive_int("num_threads", num_threads)
+        self.num_threads = num_threads
+        check_number("failure_score", failure_score)
+        self.failure_score = float(failure_score)
+        check_positive_int("seed", seed, minimum=0)
+        self.seed = seed
+        self.log_dir = None if log_dir is None else Path(log_dir).expanduser()
+        if self.log_dir is not None and self.log_dir.exists() and not self.log_dir.is_dir():
+            raise ValueError(f"log_dir {str(self.log_dir)!r} exists and is not a folder.")
+        self.track_stats = bool(track_stats)
+        self.display_progress = bool(display_progress)
+
+    # ------------------------------------------------------------------------------------------
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+    ) -> dspy.Module:
+        """Optimize ``student`` and return a new, query-aware program (``student`` is not modified).
+
+        Args:
+            student: The DSPy program; its LM(s) (or ``dspy.settings.lm``) are the frozen target.
+            trainset: Examples with inputs and gold labels; rollouts sample queries from it.
+            teacher: Not used by TRPrompt; must be ``None``.
+            valset: Examples that select the best iteration. Default: a held-out slice of ``trainset``.
+
+        Returns:
+            A deep copy of ``student`` whose predictors are :class:`~trprompt_dspy.program.QueryAwarePredict`.
+        """
+        from trprompt_dspy.loop import TRPromptRun
+
+        if teacher is not None:
+            raise ValueError("TRPromptOptimizer does not use a teacher program; call compile(..., teacher=None).")
+        names = validate_program(student)
+        validate_dataset(trainset, "trainset")
+        if valset is not None:
+            validate_dataset(valset, "valset")
+        if self.predictors is not None:
+            unknown = sorted(set(self.predictors) - set(names))
+            if unknown:
+                raise ValueError(f"predictors {unknown} are not in the program; its predictors are {names}.")
+        trainset, valset = self._split(list(trainset), None if valset is None else list(valset))
+        target_lms = [p.lm or dspy.settings.lm for _, p in student.named_predictors()]
+        if any(lm is None for lm in target_lms):
+            raise ValueError(
+                "The student has no LM: configure one with dspy.configure(lm=dspy.LM(...)) or student.set_lm(lm)."
+            )
+        reward_lm = self.reward_lm or target_lms[0]
+        textgrad_lm = self.textgrad_lm or reward_lm
+        prompt_model = self._resolve_prompt_model()
+        log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="trprompt_"))
+        run_dir = RunDirectory(log_dir, fingerprint=self._fingerprint(student, trainset, valset, prompt_model))
+        meter = UsageMeter()
+        for lm in target_lms:
+            meter.assign(lm, "target")
+        meter.assign(reward_lm, "reward")
+        meter.assign(textgrad_lm, "textgrad")
+        meter.assign(self.seed_lm, "seed_writer")
+        run = TRPromptRun(
+            optimizer=self, student=student, trainset=trainset, valset=valset, prompt_model=prompt_model,
+            reward_lm=reward_lm, textgrad_lm=textgrad_lm, run_dir=run_dir, meter=meter,
+        )
+        return run.execute()
+
+    # ------------------------------------------------------------------------------------------
+    def _split(self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
+               ) -> tuple[list[dspy.Example], list[dspy.Example]]:
+        rng = random.Random(self.seed)
+        if valset is None:
+            if len(trainset) < 2:
+                raise ValueError(
+                    f"trainset has {len(trainset)} example(s); with no valset TRPrompt holds out part of the "
+                    "trainset for selection, so pass at least 2 examples or an explicit valset."
+                )
+            order = list(range(len(trainset)))
+            rng.shuffle(order)
+            n_val = min(self.budget.val_size, max(1, len(trainset) // 4))
+            valset = [trainset[i] for i in order[:n_val]]
+            trainset = [trainset[i] for i in order[n_val:]]
+            logger.info("No valset given: holding out %d of the trainset examples for selection.", n_val)
+        elif len(valset) > self.budget.val_size:
+            valset = [valset[i] for i in sorted(rng.sample(range(len(valset)), self.budget.val_size))]
+        return trainset, valset
+
+    def _resolve_prompt_model(self) -> PromptModel:
+        if isinstance(self.prompt_model, PromptModel):
+            return self.prompt_model
+        from trprompt_dspy.prompt_model.hf import HFPromptModel
+
+        self.prompt_model = HFPromptModel(str(self.prompt_model or "smollm2-135m-instruct"))
+        return self.prompt_model
+
+    def _fingerprint(self, student: dspy.Module, trainset: list[dspy.Example], valset: list[dspy.Example],
+                     prompt_model: PromptModel) -> dict[str, Any]:
+        def digest(obj: Any) -> str:
+            return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        structure = [(n, str(p.signature)) for n, p in student.named_predictors()]
+        data = [[dict(ex.inputs()), dict(ex.labels())] for ex in trainset]
+        return {
+            "program": digest(structure),
+            "trainset": digest(data),
+            "valset": digest([[dict(ex.inputs()), dict(ex.labels())] for ex in valset]),
+            "budget": digest(self.budget.__dict__),
+            "training": digest([self.lora.to_dict(), self.sft.to_dict()]),
+            "algorithm": digest([self.initial_reward, self.predictors, self.sampling_temperature,
+                                 self.max_instruction_tokens, self.failure_score, self.seed_lm is not None]),
+            "prompt_model": str(prompt_model.describe().get("base_model")),
+            "seed": self.seed,
+        }
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

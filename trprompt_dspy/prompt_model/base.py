@@ -1,0 +1,157 @@
+"""The prompt-model contract: who writes the query-specific instruction.
+
+TRPrompt's prompt model Π maps *(predictor role, query, textual reward)* to an instruction for the
+target model. Everything the optimizer and the compiled program need from Π is the small
+:class:`PromptModel` protocol below; backends (HF transformers + PEFT, vLLM, a stronger ``dspy.LM``
+used to seed iteration 0, and a fake for unit tests) implement it.
+
+All backends render a request into chat messages with :func:`build_messages`, so an adapter trained
+through one backend is prompted identically by another.
+
+Example:
+    >>> req = InstructionRequest(predictor="qa", task="question -> answer",
+    ...                          query="question: What is 2 + 3?", reward="The answer is correct.")
+    >>> [m["role"] for m in build_messages(req)]
+    ['system', 'user']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from trprompt_dspy.config import LoraSettings, SFTSettings
+
+__all__ = [
+    "InstructionRequest",
+    "SFTExample",
+    "TrainResult",
+    "PromptModel",
+    "SYSTEM_PROMPT",
+    "build_messages",
+]
+
+SYSTEM_PROMPT = (
+    "You write instructions for another language model. Given a task, one query and a description of "
+    "the ideal outcome, write a short instruction (at most 4 sentences) telling the model how to handle "
+    "this specific query. Do not solve the query and never state its final answer."
+)
+
+
+@dataclass(frozen=True)
+class InstructionRequest:
+    """One request to the prompt model.
+
+    Attributes:
+        predictor: The predictor's name in the program (``"qa"``, ``"cot.predict"``); one prompt model
+            serves every predictor, so the name is part of its input.
+        task: The predictor's signature and base instructions, as text.
+        query: The predictor's input fields rendered as ``"name: value"`` lines.
+        reward: The textual reward to condition on: a rollout's critique during training, the optimal
+            textual reward t* at inference.
+    """
+
+    predictor: str
+    task: str
+    query: str
+    reward: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InstructionRequest:
+        return cls(**{k: str(data[k]) for k in ("predictor", "task", "query", "reward")})
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A supervised example for the prompt model: ``request`` → ``instruction`` (the completion)."""
+
+    request: InstructionRequest
+    instruction: str
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request": self.request.to_dict(), "instruction": self.instruction, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SFTExample:
+        return cls(InstructionRequest.from_dict(data["request"]), str(data["instruction"]), data.get("score"))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one fine-tuning run produced."""
+
+    adapter_path: str
+    num_examples: int
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "final_loss": self.final_loss}
+
+
+@runtime_checkable
+class PromptModel(Protocol):
+    """What TRPrompt needs from a prompt model.
+
+    Contract:
+        * ``generate`` returns one list per request, each with ``n`` strings, in request order. It never
+          raises for one bad request (return ``""`` for it); it may raise for systemic failures.
+        * ``generate`` is thread-safe; backends batch concurrent calls where they can.
+        * ``temperature == 0`` is greedy and deterministic.
+        * ``train`` fine-tunes a fresh adapter on top of the base weights (the base is never changed),
+          writes it under ``output_dir`` (safetensors) and makes it the active adapter.
+        * ``load_adapter(None)`` switches back to the bare base model.
+    """
+
+    @property
+    def adapter_path(self) -> str | None: ...
+
+    def generate(
+        self,
+        requests: Sequence[InstructionRequest],
+        *,
+        temperature: float = 0.0,
+        n: int = 1,
+        max_new_tokens: int = 128,
+        seed: int | None = None,
+    ) -> list[list[str]]: ...
+
+    def train(
+        self,
+        examples: Sequence[SFTExample],
+        *,
+        output_dir: str | Path,
+        lora: LoraSettings,
+        sft: SFTSettings,
+        seed: int = 0,
+    ) -> TrainResult: ...
+
+    def load_adapter(self, path: str | Path | None) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (backend, base model id, adapter) for artifacts and logs."""
+        ...
+
+
+def build_messages(request: InstructionRequest) -> list[dict[str, str]]:
+    """Render a request as chat messages; the same rendering is used for training and generation."""
+    user = (
+        f"Predictor: {request.predictor}\n"
+        f"Task: {request.task}\n\n"
+        f"Query:\n{request.query}\n\n"
+        f"Ideal outcome (textual reward):\n{request.reward}\n\n"
+        "Write the instruction."
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

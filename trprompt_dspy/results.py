@@ -1,0 +1,96 @@
+"""Frozen results of a compile: ``compiled.detailed_results`` when ``track_stats=True``.
+
+Example:
+    >>> r = TRPromptResult(iterations=(), best_iteration=None, baseline_score=0.5, best_score=0.5,
+    ...                    t_star_history=("init",), lm_calls={}, lm_tokens={}, failures={}, seed=0,
+    ...                    log_dir="runs/x", budget={}, seconds=1.0)
+    >>> r.to_dict()["best_score"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["IterationStats", "TRPromptResult"]
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """What one TRPrompt iteration did and measured.
+
+    Attributes:
+        iteration: Index k (0-based).
+        rollout_score: Mean metric score of the iteration's rollouts (sampled instructions).
+        val_score: Validation score of the iteration's candidate program (greedy instructions, t*).
+        t_star: The optimal textual reward after this iteration's TextGrad refinement.
+        t_star_accepted: Whether TextGrad's proposal was accepted.
+        num_rollouts / num_sft_examples: Data sizes.
+        sft_steps / sft_loss: Fine-tune steps and per-step losses.
+        redacted_rewards: Textual rewards in which the gold answer was redacted.
+        filtered_instructions: Instructions dropped because they stated the answer.
+        seconds: Wall time per phase.
+    """
+
+    iteration: int
+    rollout_score: float
+    val_score: float | None
+    t_star: str
+    t_star_accepted: bool
+    num_rollouts: int
+    num_sft_examples: int
+    sft_steps: int
+    sft_loss: tuple[float, ...]
+    redacted_rewards: int = 0
+    filtered_instructions: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sft_loss"] = list(self.sft_loss)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IterationStats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["sft_loss"] = tuple(d.get("sft_loss", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TRPromptResult:
+    """The record of a whole compile.
+
+    Attributes:
+        iterations: One :class:`IterationStats` per completed iteration.
+        best_iteration: The selected iteration (``None``: the uncompiled baseline was best).
+        baseline_score / best_score: Validation scores of the student and of the returned program.
+        t_star_history: Every accepted value of the optimal textual reward, oldest first.
+        lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
+        lm_tokens: Token usage per model name (input and output tokens).
+        failures: Counted failures by kind (e.g. ``program_error``, ``reward_error``, ``textgrad_no_tag``).
+        seed, log_dir, budget: How to reproduce the run.
+        seconds: Total wall time of the compile.
+    """
+
+    iterations: tuple[IterationStats, ...]
+    best_iteration: int | None
+    baseline_score: float | None
+    best_score: float | None
+    t_star_history: tuple[str, ...]
+    lm_calls: dict[str, int]
+    lm_tokens: dict[str, dict[str, int]]
+    failures: dict[str, int]
+    seed: int
+    log_dir: str
+    budget: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["iterations"] = [it.to_dict() for it in self.iterations]
+        d["t_star_history"] = list(self.t_star_history)
+        return d
