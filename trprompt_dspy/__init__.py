@@ -31,8 +31,8 @@ _EXPORTS = {
     "SFTSettings": "trprompt_dspy.config",
     "Budget": "trprompt_dspy.config",
     "QueryAwarePredict": "trprompt_dspy.program",
-    "save_compiled": "trprompt_dspy.program",
-    "load_compiled": "trprompt_dspy.program",
+    "save_compiled": "trprompt_dspy.artifact",
+    "load_compiled": "trprompt_dspy.artifact",
     "PromptModel": "trprompt_dspy.prompt_model.base",
     "InstructionRequest": "trprompt_dspy.prompt_model.base",
     "HFPromptModel": "trprompt_dspy.prompt_model.hf",
@@ -49,7 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
     from trprompt_dspy.models import list_presets, local_lm, resolve_model
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
-    from trprompt_dspy.program import QueryAwarePredict, load_compiled, save_compiled
+    from trprompt_dspy.artifact import load_compiled, save_compiled
+    from trprompt_dspy.program import QueryAwarePredict
     from trprompt_dspy.prompt_model.base import InstructionRequest, PromptModel
     from trprompt_dspy.prompt_model.fake import FakePromptModel
     from trprompt_dspy.prompt_model.hf import HFPromptModel

@@ -56,9 +56,11 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "gsmhard", "math", "math500"])
+    p.add_argument("--dataset", default="gsm8k", choices=["gsm8k", "gsmhard", "math"],
+                   help="dataset; the fixed dev/test/train indices come from splits.json (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="local data folder (the layout of shared/data)")
-    p.add_argument("--source", default="auto", choices=["auto", "local", "hub", "bundled"])
+    p.add_argument("--source", default="auto", choices=["auto", "local", "bundled"],
+                   help="local JSONL (--data-dir / TRPROMPT_SHARED_DATA) or the bundled GSM8K subset")
     p.add_argument("--program", default="programs.math:MathCoT", help="module:Class (default: %(default)s)")
 
 
@@ -134,7 +136,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     program = load_program(args.program)
     if args.compiled:
-        from trprompt_dspy.program import load_compiled
+        from trprompt_dspy.artifact import load_compiled
 
         program = load_compiled(program, args.compiled)
     data = load_fixed_split(args.dataset, args.split, data_dir=args.data_dir, source=args.source, limit=args.limit)
@@ -149,13 +151,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     import dspy
 
-    from trprompt_dspy.datasets import load_dataset, load_fixed_split
+    from trprompt_dspy.datasets import load_fixed_split
     from trprompt_dspy.metrics import get_metric
     from trprompt_dspy.optimizer import TRPromptOptimizer
-    from trprompt_dspy.program import save_compiled
+    from trprompt_dspy.artifact import save_compiled
 
     program = load_program(args.program)
-    train = load_dataset(args.dataset, "train", source=args.source, data_dir=args.data_dir, limit=args.train_size)
+    train = load_fixed_split(args.dataset, "train", source=args.source, data_dir=args.data_dir, limit=args.train_size)
     val = load_fixed_split(args.dataset, "dev", source=args.source, data_dir=args.data_dir, limit=args.val_size)
     lm = make_target_lm(args)
     opt = TRPromptOptimizer(metric=get_metric(args.dataset, feedback=True), auto=args.auto,

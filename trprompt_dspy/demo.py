@@ -76,7 +76,7 @@ def run_demo(*, target: str = "qwen2.5-coder-0.5b-instruct", api_base: str | Non
         logger.info("Baseline accuracy: %.1f%% on %d held-out GSM8K dev examples", base_acc, len(heldout))
         if not baseline_only:
             from trprompt_dspy.optimizer import TRPromptOptimizer
-            from trprompt_dspy.program import save_compiled
+            from trprompt_dspy.artifact import save_compiled
 
             t0 = time.perf_counter()
             opt = TRPromptOptimizer(metric=gsm8k_feedback_metric, auto=auto, num_threads=num_threads, seed=seed,

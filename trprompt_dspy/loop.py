@@ -107,7 +107,7 @@ class TRPromptRun:
             train = self._train(k, sft_examples, d)
         with _timed(seconds, "textgrad"):
             accepted = self._refine(k, program, d)
-        for p in query_aware_predictors(program).values():
+        for _, p in query_aware_predictors(program):
             p.optimal_reward = self.t_star
         with _timed(seconds, "validation"):
             val_score = self._validate(k, program, d)
@@ -295,7 +295,7 @@ class TRPromptRun:
         best_adapter = self.best.get("adapter")
         if best_adapter:
             self.pm.load_adapter(best_adapter)
-        for p in query_aware_predictors(program).values():
+        for _, p in query_aware_predictors(program):
             p.optimal_reward = self.best.get("t_star") or self.t_star
         program._compiled = True
         if self.best["score"] is not None and self.baseline_score is not None \

@@ -145,9 +145,7 @@ class TRPromptOptimizer(Teleprompter):
         )
         self.auto = auto
         if prompt_model is None or isinstance(prompt_model, (str, Path)):
-            from trprompt_dspy.models import check_model_reference
-
-            check_model_reference(str(prompt_model or "smollm2-135m-instruct"))
+            _check_model_reference(str(prompt_model or "smollm2-135m-instruct"))
         elif not isinstance(prompt_model, PromptModel):
             raise TypeError(
                 "prompt_model must be a PromptModel (e.g. HFPromptModel(...)), a model preset name, an HF id "
@@ -286,3 +284,12 @@ class TRPromptOptimizer(Teleprompter):
 
     def get_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def _check_model_reference(ref: str) -> None:
+    """Fail fast on a misspelt preset; HF ids (``org/name``) and existing paths are checked when loaded."""
+    if "/" in ref or Path(ref).expanduser().exists():
+        return
+    from trprompt_dspy.models.presets import get_preset
+
+    get_preset(ref)  # raises UnknownModelError listing the presets

@@ -50,12 +50,22 @@ class UsageMeter:
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.roles: dict[int, str] = {}
+        self._shared: set[int] = set()
         self._lock = threading.Lock()
 
     def assign(self, lm: Any, role: str) -> None:
-        """Attribute every call of this LM object to ``role``, whatever phase makes it."""
-        if lm is not None:
-            self.roles.setdefault(id(lm), role)
+        """Attribute every call of this LM object to ``role``, whatever phase makes it.
+
+        An LM object that serves several roles (e.g. the target doubling as reward model) is attributed
+        by phase instead: to the ``default_role`` of the callback active when it is called.
+        """
+        if lm is None:
+            return
+        if self.roles.get(id(lm), role) != role:
+            self._shared.add(id(lm))
+        self.roles[id(lm)] = role
+        for shared in self._shared:
+            self.roles.pop(shared, None)
 
     def callback(self, default_role: str) -> BaseCallback:
         """A DSPy callback that counts calls of unassigned LMs as ``default_role``."""

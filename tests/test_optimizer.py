@@ -1,0 +1,204 @@
+"""TRPromptOptimizer end to end with scripted LMs and the fake prompt model (fast, no torch)."""
+
+from __future__ import annotations
+
+import json
+
+import dspy
+import pytest
+
+from programs.math import MathCoT, PlanAndSolve
+from tests.fakes import arithmetic_responder, scripted_lm
+from trprompt_dspy import TRPromptOptimizer
+from trprompt_dspy.checkpoint import LogDirMismatchError
+from trprompt_dspy.artifact import load_compiled, save_compiled
+from trprompt_dspy.program import QueryAwarePredict, query_aware_predictors
+from trprompt_dspy.prompt_model.fake import FakePromptModel
+
+SMALL = dict(num_iterations=2, queries_per_iteration=3, prompts_per_query=2, textgrad_steps=1,
+             textgrad_batch_size=2, val_size=3)
+
+
+def numeric_metric(example, pred, trace=None):
+    return float(str(getattr(pred, "answer", "")).strip() == str(example.answer))
+
+
+def feedback_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    ok = str(getattr(pred, "answer", "")).strip() == str(gold.answer)
+    return dspy.Prediction(score=float(ok), feedback="FEEDBACK-MARKER: " + ("correct" if ok else "wrong sum"))
+
+
+def make_data(n: int, offset: int = 0) -> list[dspy.Example]:
+    return [dspy.Example(question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1)).with_inputs("question")
+            for i in range(offset, offset + n)]
+
+
+@pytest.fixture
+def lm():
+    target = scripted_lm(arithmetic_responder, "target")
+    dspy.configure(lm=target)
+    return target
+
+
+def fake_pm() -> FakePromptModel:
+    # no digits in the template: the leak guard would drop instructions whose hex digest holds the answer
+    return FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
+
+
+def compile_small(tmp_path, pm=None, metric=numeric_metric, program=None, **kw):
+    pm = pm or fake_pm()
+    opt = TRPromptOptimizer(metric=metric, prompt_model=pm, log_dir=tmp_path / "log", display_progress=False,
+                            **{**SMALL, **kw})
+    compiled = opt.compile(program or MathCoT(), trainset=make_data(8), valset=make_data(3, offset=50))
+    return compiled, pm, opt
+
+
+def test_compile_returns_query_aware_copy_and_stats(tmp_path, lm):
+    student = MathCoT()
+    compiled, pm, _ = compile_small(tmp_path, program=student)
+    # the student is untouched, the compiled program is a different object with query-aware leaves
+    assert type(student.cot.predict) is dspy.Predict
+    assert [n for n, _ in compiled.named_predictors()] == ["cot.predict"]
+    assert isinstance(compiled.cot.predict, QueryAwarePredict) and compiled._compiled
+    pred = compiled(question="What is 20 + 22?")
+    assert pred.answer == "42" and pred.query_instruction
+    # the per-query instruction reached the target LM's system prompt
+    assert pred.query_instruction in lm.engine.calls[-1][0]
+    res = compiled.detailed_results
+    assert len(res.iterations) == 2 and res.iterations[0].num_rollouts == 3 * 2
+    assert res.baseline_score == 1.0 and res.best_score == 1.0
+    assert len(pm.train_calls) == 2
+    # accumulate=True by default: iteration 1 trains on both iterations' data
+    assert len(pm.train_calls[1][0]) > len(pm.train_calls[0][0]) > 0
+    assert res.lm_calls["reward"] >= 6 and res.lm_calls["target"] > 0 and res.lm_calls["textgrad"] > 0
+    d = res.to_dict()
+    assert json.loads(json.dumps(d))["seed"] == 0
+    for f in ("rollouts.json", "sft.jsonl", "train.json", "refine.json", "val.json"):
+        assert (tmp_path / "log" / "iter_000" / f).exists(), f
+
+
+def test_textual_rewards_come_from_feedback_and_condition_training(tmp_path, lm):
+    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric)
+    reward_prompts = [u for s, u in lm.engine.calls if "FEEDBACK-MARKER" in u]
+    assert reward_prompts, "the metric's feedback text must reach the reward model"
+    examples = pm.train_calls[0][0]
+    # SFT examples are conditioned on the rollout's textual reward, not on t*
+    assert {e.request.reward for e in examples} == {"The outcome was good: the arithmetic was handled step by step."}
+
+
+def test_budget_knobs_reach_their_consumers(tmp_path, lm):
+    compiled, pm, _ = compile_small(tmp_path, num_iterations=1, queries_per_iteration=4, prompts_per_query=3,
+                                    textgrad_steps=0, sampling_temperature=0.7, seed=3,
+                                    sft={"num_train_epochs": 3.0, "accumulate": False}, lora={"r": 4})
+    res = compiled.detailed_results
+    assert res.iterations[0].num_rollouts == 12 and res.lm_calls.get("textgrad", 0) == 0
+    sampled = [c for c in pm.calls if c.temperature > 0]
+    assert sampled and {c.temperature for c in sampled} == {0.7}
+    examples, out_dir, seed = pm.train_calls[0]
+    assert seed == 3 and len(examples) == 12
+    meta = json.loads((tmp_path / "log" / "iter_000" / "train.json").read_text())
+    assert meta["num_examples"] == 12
+
+
+def test_seed_changes_sampled_queries(tmp_path, lm):
+    def queries(seed):
+        c, pm, _ = compile_small(tmp_path / str(seed), num_iterations=1, textgrad_steps=0, seed=seed)
+        rs = json.loads((tmp_path / str(seed) / "log" / "iter_000" / "rollouts.json").read_text())
+        return sorted(r["inputs"]["question"] for r in rs)
+
+    assert queries(0) != queries(1)
+
+
+def test_max_metric_calls_stops_early(tmp_path, lm):
+    compiled, pm, _ = compile_small(tmp_path, num_iterations=5, max_metric_calls=12)
+    assert 1 <= len(compiled.detailed_results.iterations) < 5
+
+
+def test_multi_predictor_program_gets_instructions_for_every_predictor(tmp_path, lm):
+    compiled, pm, _ = compile_small(tmp_path, program=PlanAndSolve(), num_iterations=1)
+    names = [n for n, _ in query_aware_predictors(compiled)]
+    assert names == ["plan", "solve.predict"]
+    assert {r.predictor for r in pm.requests} >= {"plan", "solve.predict"}
+    assert compiled(question="What is 1 + 2?").answer == "3"
+
+
+def test_resume_reuses_finished_iterations(tmp_path, lm):
+    compile_small(tmp_path)
+    calls_before = len(lm.engine.calls)
+    pm2 = fake_pm()
+    compiled, _, _ = compile_small(tmp_path, pm=pm2)
+    # nothing is re-run: only the smoke test (1 call) touches the target again
+    assert len(lm.engine.calls) - calls_before <= 1
+    assert pm2.train_calls == [] and len(compiled.detailed_results.iterations) == 2
+
+
+def test_log_dir_from_a_different_config_is_refused(tmp_path, lm):
+    compile_small(tmp_path, num_iterations=1)
+    with pytest.raises(LogDirMismatchError, match="budget"):
+        compile_small(tmp_path, num_iterations=2)
+
+
+def test_save_and_load_round_trip(tmp_path, lm):
+    compiled, pm, _ = compile_small(tmp_path, num_iterations=1)
+    save_compiled(compiled, tmp_path / "artifact")
+    fresh = load_compiled(MathCoT(), tmp_path / "artifact", prompt_model=pm)
+    q = "What is 5 + 6?"
+    assert fresh(question=q).query_instruction == compiled(question=q).query_instruction
+    assert fresh.cot.predict.optimal_reward == compiled.cot.predict.optimal_reward
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(metric=lambda: 1, auto="light"), TypeError, "metric"),
+    (dict(auto="extreme"), ValueError, "auto must be one of"),
+    (dict(auto="light", num_iterations=2), ValueError, "either auto"),
+    (dict(), ValueError, "Set a budget"),
+    (dict(num_iterations=-1), ValueError, "num_iterations"),
+    (dict(auto="light", num_threads=0), ValueError, "num_threads"),
+    (dict(auto="light", prompt_model=42), TypeError, "prompt_model"),
+    (dict(auto="light", prompt_model="no-such-preset"), ValueError, "no-such-preset"),
+    (dict(auto="light", reward_lm="gpt-4"), TypeError, "reward_lm"),
+    (dict(auto="light", lora={"rank": 8}), ValueError, "Unknown LoRA"),
+    (dict(auto="light", sft={"extra": {"max_seq_length": 9}}), ValueError, "max_length"),
+    (dict(auto="light", initial_reward="  "), ValueError, "initial_reward"),
+    (dict(auto="light", predictors="cot.predict"), TypeError, "predictors"),
+    (dict(auto="light", sampling_temperature=-1), ValueError, "sampling_temperature"),
+    (dict(auto="light", seed=-5), ValueError, "seed"),
+])
+def test_constructor_rejects_bad_arguments(kwargs, exc, match):
+    kwargs = {"metric": numeric_metric, **kwargs}
+    with pytest.raises(exc, match=match):
+        TRPromptOptimizer(prompt_model=kwargs.pop("prompt_model", FakePromptModel()), **kwargs)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "trainset is empty"),
+    ("no_inputs", "no input fields"),
+    ("teacher", "teacher"),
+    ("unknown_predictor", "not in the program"),
+    ("one_example", "at least 2"),
+])
+def test_compile_rejects_bad_input_before_work(tmp_path, lm, case, match):
+    pm = FakePromptModel()
+    opt = TRPromptOptimizer(metric=numeric_metric, prompt_model=pm, log_dir=tmp_path, display_progress=False,
+                            predictors=["nope"] if case == "unknown_predictor" else None, **SMALL)
+    train = {"empty": [], "no_inputs": [dspy.Example(question="q", answer="1")],
+             "one_example": make_data(1)}.get(case, make_data(4))
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.compile(MathCoT(), trainset=train, teacher=MathCoT() if case == "teacher" else None)
+    assert pm.calls == [] and len(lm.engine.calls) == 0
+
+
+def test_missing_lm_and_broken_metric_fail_fast(tmp_path):
+    opt = TRPromptOptimizer(metric=numeric_metric, prompt_model=FakePromptModel(), log_dir=tmp_path / "a",
+                            display_progress=False, **SMALL)
+    with pytest.raises(ValueError, match="no LM"):
+        opt.compile(MathCoT(), trainset=make_data(4))
+
+    def nan_metric(example, pred, trace=None):
+        return float("nan")
+
+    dspy.configure(lm=scripted_lm(arithmetic_responder))
+    opt = TRPromptOptimizer(metric=nan_metric, prompt_model=FakePromptModel(), log_dir=tmp_path / "b",
+                            display_progress=False, **SMALL)
+    with pytest.raises(ValueError, match="nan_metric"):
+        opt.compile(MathCoT(), trainset=make_data(4))

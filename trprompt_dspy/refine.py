@@ -1,0 +1,385 @@
+"""Refine the optimal textual reward t* with TextGrad.
+
+At inference time the prompt model is conditioned on one fixed textual reward t*, a description of an
+ideal outcome. Each TRPrompt iteration improves t* with textual gradient descent:
+
+1. evaluate the program with the current t* on a minibatch (greedy);
+2. build a TextGrad graph ``t* -> outcome report -> loss``: the outcome report is a
+   ``StringBasedFunction`` of t* (what the program produced when the prompt model was conditioned on
+   t*: per example the query, the instruction, the answer, whether it was correct and the metric's
+   feedback), and the loss is a ``TextLoss`` LLM critique of that report;
+3. ``loss.backward(engine=...)``: the engine writes feedback on the report, then, through the string
+   function's backward pass, a gradient on t* itself;
+4. ``TGD.step()`` rewrites t* (a missing ``<IMPROVED_VARIABLE>`` tag is retried once, then the step is
+   abandoned);
+5. the candidate is rejected if it states a minibatch gold answer, otherwise evaluated, and accepted only
+   if the minibatch score does not drop.
+
+TextGrad's process-wide backward engine is never set: every call passes ``engine=`` explicitly. Any
+``dspy.LM`` can serve as the engine through :class:`DSPyTextGradEngine`.
+
+Example:
+    ``result = refine_optimal_reward(t_star, evaluate=lambda t: evaluate_program(prog, batch, metric=m,
+    reward_text=t, prompt_model=pm), engine=DSPyTextGradEngine(dspy.LM("openai/gpt-4o-mini")), steps=2)``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+
+from trprompt_dspy._lazy import import_textgrad
+from trprompt_dspy.reward import leaks_answer
+from trprompt_dspy.rollouts import EvalResult, Rollout
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OPTIMAL_REWARD_ROLE",
+    "DEFAULT_CONSTRAINTS",
+    "LOSS_SYSTEM_PROMPT",
+    "DSPyTextGradEngine",
+    "RefineResult",
+    "render_outcome_report",
+    "refine_optimal_reward",
+]
+
+OPTIMAL_REWARD_ROLE = (
+    "optimal textual reward: the description of an ideal outcome that the prompt model is conditioned on"
+)
+DEFAULT_CONSTRAINTS = ("Do not state any specific answer to any query.", "Keep it under 120 words.")
+REPORT_FUNCTION_PURPOSE = (
+    "Runs the program on a minibatch of queries: a prompt model conditioned on the optimal textual reward "
+    "writes a query-specific instruction, the target model answers with it, and the metric scores the answer. "
+    "Returns a report of the outcomes."
+)
+REPORT_ROLE = (
+    "outcomes of the program on a minibatch when its prompt model is conditioned on the optimal textual reward "
+    "(they change only through the optimal textual reward)"
+)
+LOSS_SYSTEM_PROMPT = (
+    "You evaluate a prompt-optimisation system. A prompt model writes a per-query instruction for a target "
+    "model, conditioned on a general description of the ideal outcome. Below is a report of what happened "
+    "on a minibatch. Identify the failure patterns of the incorrect outcomes, what the successful ones had "
+    "in common, and what the instructions should have emphasised. Be concise and concrete. Do not state any "
+    "specific answer to any query."
+)
+
+_TG_ENGINE_CLASSES: dict[type, type] = {}
+
+
+class _EmptyGradient(RuntimeError):
+    pass
+_GLOBAL_ENGINE_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine bridge
+# --------------------------------------------------------------------------------------------------
+
+
+class DSPyTextGradEngine:
+    """A TextGrad engine backed by any ``dspy.LM``, with call and token counters.
+
+    Instances are real ``textgrad.EngineLM`` subclasses (the subclass is created on first instantiation,
+    so importing this module does not import textgrad). Both ``generate`` and ``__call__`` are overridden
+    (``EngineLM.__call__`` is a no-op).
+
+    Args:
+        lm: The ``dspy.LM`` (or any ``dspy.BaseLM``) to call.
+        temperature: Sampling temperature passed with each request (``None``: the LM's default).
+        max_tokens: Output cap per call (``None``: the LM's default).
+
+    Attributes:
+        calls: Number of engine calls so far.
+        input_tokens / output_tokens: Token usage reported by the LM (0 when it reports none).
+
+    Example:
+        >>> from dspy.utils import DummyLM
+        >>> eng = DSPyTextGradEngine(DummyLM([{"x": "hi"}]))
+        >>> "hi" in eng("Say hi", system_prompt="Be brief."), eng.calls
+        (True, 1)
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DSPyTextGradEngine:
+        tg = import_textgrad()
+        if issubclass(cls, tg.EngineLM):
+            return object.__new__(cls)
+        impl = _TG_ENGINE_CLASSES.get(cls)
+        if impl is None:
+            impl = type(cls.__name__, (cls, tg.EngineLM), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            _TG_ENGINE_CLASSES[cls] = impl
+        return object.__new__(impl)
+
+    def __init__(self, lm: dspy.BaseLM, *, temperature: float | None = None, max_tokens: int | None = None):
+        if not isinstance(lm, dspy.BaseLM):
+            raise TypeError(f"DSPyTextGradEngine needs a dspy.LM; got {type(lm).__name__}: {lm!r}.")
+        self.lm = lm
+        self.model_string = f"dspy:{lm.model}"
+        self.system_prompt = "You are a helpful, creative, and smart assistant."
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.calls = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DSPyTextGradEngine(model={self.lm.model!r}, calls={self.calls})"
+
+    def generate(self, content: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
+        """Send one prompt (and system prompt) to the LM and return its text."""
+        from dspy.lm15 import Config, Message, Request
+
+        if not isinstance(content, str):  # TextGrad's multimodal path passes a list of parts
+            content = "\n".join(c for c in content if isinstance(c, str))
+        system = system_prompt or self.system_prompt
+        config = Config(temperature=self.temperature, max_tokens=self.max_tokens)
+        response = self.lm(Request(model=self.lm.model, system=system, messages=(Message.user(content),), config=config))
+        text = response.text or ""
+        usage = getattr(response, "usage", None)
+        with self._lock:
+            self.calls += 1
+            self.input_tokens += int(getattr(usage, "input_tokens", 0) or 0)
+            self.output_tokens += int(getattr(usage, "output_tokens", 0) or 0)
+        return text
+
+    def __call__(self, content: Any, **kwargs: Any) -> str:
+        return self.generate(content, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DSPyTextGradEngine:
+        return self  # a client of a shared LM, like the LM itself
+
+    def usage(self) -> dict[str, int]:
+        return {"calls": self.calls, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+
+
+@contextlib.contextmanager
+def _no_global_backward_engine(tg: Any) -> Iterator[None]:
+    """Hide a user-set global TextGrad engine while we pass ``engine=`` explicitly.
+
+    ``Variable.backward(engine=X)`` refuses to run when a global engine is also set. We never set it
+    ourselves; if the user did, it is restored right after our backward pass.
+    """
+    singleton = tg.config.SingletonBackwardEngine()
+    with _GLOBAL_ENGINE_LOCK:
+        saved = singleton.get_engine()
+        if saved is not None:
+            logger.debug("temporarily hiding the global TextGrad backward engine %r", saved)
+            singleton.engine = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                singleton.engine = saved
+
+
+# --------------------------------------------------------------------------------------------------
+# Refinement
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefineResult:
+    """The outcome of :func:`refine_optimal_reward`.
+
+    Attributes:
+        value: The refined t* (the input t* if no step was accepted).
+        accepted: Whether any step was accepted.
+        history: One dict per step: ``step, candidate, score_before, score_after, accepted, error,
+            error_kind, gradient``. ``error_kind`` is one of ``missing_tags, engine, empty_gradient,
+            empty_candidate, unchanged, leak, evaluation`` (``None`` when the step ran; a rejected step
+            with a lower score has ``accepted=False`` and no error).
+        initial_score / final_score: Minibatch scores of the input t* and of ``value``.
+    """
+
+    value: str
+    accepted: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial_score: float | None = None
+    final_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "accepted": self.accepted, "history": list(self.history),
+                "initial_score": self.initial_score, "final_score": self.final_score}
+
+
+def _clip(text: Any, limit: int) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 5].rstrip() + " ..."
+
+
+def render_outcome_report(
+    rollouts: Sequence[Rollout],
+    *,
+    success_threshold: float = 1.0,
+    include_gold: bool = False,
+    max_examples: int = 8,
+    max_field_chars: int = 400,
+) -> str:
+    """Render a minibatch evaluation as the text the TextGrad loss critiques.
+
+    Per example: the query, the instruction(s) used, the program's answer, correct / partially correct /
+    incorrect (``score >= success_threshold`` is correct), and the metric's feedback. Gold answers are
+    left out unless ``include_gold`` (the metric feedback usually says enough).
+
+    Example:
+        >>> r = Rollout(0, 0, inputs={"q": "1+1?"}, outputs={"a": "3"}, score=0.0, feedback="Wrong sum.")
+        >>> print(render_outcome_report([r]).splitlines()[0])
+        Minibatch: 0 of 1 correct (mean score 0).
+    """
+    n_ok = sum(1 for r in rollouts if r.score >= success_threshold)
+    mean = sum(r.score for r in rollouts) / len(rollouts) if rollouts else 0.0
+    lines = [f"Minibatch: {n_ok} of {len(rollouts)} correct (mean score {mean:g})."]
+    # Failures first: they carry most of the signal.
+    ordered = sorted(rollouts, key=lambda r: (r.score >= success_threshold, r.example_index))[:max_examples]
+    for i, r in enumerate(ordered, 1):
+        verdict = ("correct" if r.score >= success_threshold else "partially correct" if r.score > 0 else "incorrect")
+        query = "; ".join(f"{k}: {v}" for k, v in r.inputs.items())
+        instr = " | ".join(str(c.get("instruction", "")) for c in r.instructions) or "(none)"
+        answer = "; ".join(f"{k}: {v}" for k, v in r.outputs.items()) or f"(no output: {r.error})"
+        lines += [f"\nExample {i} ({verdict}, score {r.score:g})",
+                  f"Query: {_clip(query, max_field_chars)}",
+                  f"Instruction: {_clip(instr, max_field_chars)}",
+                  f"Answer: {_clip(answer, max_field_chars)}"]
+        if include_gold:
+            lines.append(f"Gold: {_clip('; '.join(f'{k}: {v}' for k, v in r.gold.items()), max_field_chars)}")
+        if r.feedback:
+            lines.append(f"Metric feedback: {_clip(r.feedback, max_field_chars)}")
+        if r.error and r.outputs:
+            lines.append(f"Error: {_clip(r.error, max_field_chars)}")
+    return "\n".join(lines)
+
+
+def _gold_values(result: EvalResult) -> list[Any]:
+    return [r.gold for r in result.rollouts]
+
+
+def refine_optimal_reward(
+    t_star: str,
+    *,
+    evaluate: Callable[[str], EvalResult],
+    engine: Any,
+    steps: int,
+    constraints: Sequence[str] = DEFAULT_CONSTRAINTS,
+    initial: EvalResult | None = None,
+    success_threshold: float = 1.0,
+    include_gold: bool = False,
+    max_report_examples: int = 8,
+    loss_system_prompt: str = LOSS_SYSTEM_PROMPT,
+) -> RefineResult:
+    """Improve t* with ``steps`` TextGrad updates, keeping only updates that do not lower the score.
+
+    Args:
+        t_star: The current optimal textual reward.
+        evaluate: ``evaluate(t) -> EvalResult``: greedy evaluation of the program on the minibatch with the
+            prompt model conditioned on ``t`` (e.g. a closure over :func:`evaluate_program`).
+        engine: A TextGrad engine (``DSPyTextGradEngine`` or any ``textgrad.EngineLM``), used for the
+            loss, the backward pass and the update.
+        steps: Number of update attempts (0 returns ``t_star`` unevaluated unless ``initial`` is given).
+        constraints: Natural-language constraints for TGD.
+        initial: The evaluation of ``t_star`` if the caller already has it (saves one evaluation).
+        success_threshold: Scores at or above this count as "correct" in the report.
+        include_gold: Show gold answers in the loss report (leaks are still rejected).
+        max_report_examples: Examples shown in the report.
+        loss_system_prompt: The loss's instructions.
+
+    Returns:
+        A :class:`RefineResult`. Engine failures are recorded in ``history[i]["error"]``; they never raise.
+
+    Raises:
+        ValueError: ``t_star`` is empty or ``steps`` is negative.
+    """
+    if not isinstance(t_star, str) or not t_star.strip():
+        raise ValueError(f"t_star must be a non-empty string; got {t_star!r}.")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0; got {steps!r}.")
+    if engine is None or not callable(engine):
+        raise TypeError(f"engine must be a TextGrad engine (e.g. DSPyTextGradEngine(lm)); got {engine!r}.")
+    tg = import_textgrad()
+    from textgrad.autograd import StringBasedFunction
+
+    current = t_star
+    before = initial
+    if steps == 0:
+        s = before.score if before is not None else None
+        return RefineResult(current, False, [], s, s)
+    if before is None:
+        before = evaluate(current)
+    initial_score = before.score
+    history: list[dict[str, Any]] = []
+    any_accepted = False
+
+    for step in range(1, steps + 1):
+        entry: dict[str, Any] = {"step": step, "candidate": None, "score_before": before.score,
+                                 "score_after": None, "accepted": False, "error": None, "error_kind": None,
+                                 "gradient": None}
+        history.append(entry)
+        report = render_outcome_report(before.rollouts, success_threshold=success_threshold,
+                                       include_gold=include_gold, max_examples=max_report_examples)
+        variable = tg.Variable(current, requires_grad=True, role_description=OPTIMAL_REWARD_ROLE)
+        try:
+            outcome_fn = StringBasedFunction(fn=lambda optimal_reward, _r=report: _r,
+                                             function_purpose=REPORT_FUNCTION_PURPOSE)
+            outcomes = outcome_fn(inputs={"optimal_reward": variable}, response_role_description=REPORT_ROLE)
+            loss = tg.TextLoss(loss_system_prompt, engine=engine)(outcomes)
+            with _no_global_backward_engine(tg):
+                loss.backward(engine=engine)
+            gradient = variable.get_gradient_text().strip()
+            entry["gradient"] = gradient
+            if not gradient:
+                raise _EmptyGradient("the backward pass produced an empty gradient for t*")
+            optimizer = tg.TGD(parameters=[variable], engine=engine, constraints=list(constraints))
+            try:
+                optimizer.step()
+            except IndexError:
+                logger.info("TextGrad step %d: no <IMPROVED_VARIABLE> tags in the reply; retrying once", step)
+                optimizer.step()
+        except IndexError as exc:
+            entry["error_kind"] = "missing_tags"
+            entry["error"] = f"no <IMPROVED_VARIABLE> tags after a retry: {str(exc)[:300]}"
+            logger.warning("TextGrad step %d abandoned: %s", step, entry["error"])
+            continue
+        except _EmptyGradient as exc:
+            entry["error_kind"], entry["error"] = "empty_gradient", str(exc)
+            logger.warning("TextGrad step %d failed: %s", step, entry["error"])
+            continue
+        except Exception as exc:
+            entry["error_kind"], entry["error"] = "engine", f"{type(exc).__name__}: {exc}"
+            logger.warning("TextGrad step %d failed: %s", step, entry["error"])
+            continue
+        candidate = variable.value.strip()
+        entry["candidate"] = candidate
+        if not candidate:
+            entry["error_kind"], entry["error"] = "empty_candidate", "the update produced an empty t*"
+            continue
+        if candidate == current:
+            entry["error_kind"], entry["error"] = "unchanged", "the update did not change t*"
+            continue
+        if leaks_answer(candidate, _gold_values(before), context=current + "\n" + "\n".join(constraints)):
+            entry["error_kind"] = "leak"
+            entry["error"] = "rejected: the candidate states a gold answer of the minibatch"
+            logger.info("TextGrad step %d: candidate leaks a gold answer; rejected", step)
+            continue
+        try:
+            after = evaluate(candidate)
+        except Exception as exc:
+            entry["error_kind"] = "evaluation"
+            entry["error"] = f"evaluating the candidate failed: {type(exc).__name__}: {exc}"
+            logger.warning("TextGrad step %d: %s", step, entry["error"])
+            continue
+        entry["score_after"] = after.score
+        if after.score >= before.score:
+            entry["accepted"] = True
+            any_accepted = True
+            current, before = candidate, after
+            logger.info("TextGrad step %d accepted: score %.4f -> %.4f", step, entry["score_before"], after.score)
+        else:
+            logger.info("TextGrad step %d rejected: score %.4f -> %.4f", step, entry["score_before"], after.score)
+    return RefineResult(current, any_accepted, history, initial_score, before.score)
