@@ -8,7 +8,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS ?= train,dev,bench
 PYTEST_ARGS ?=
 
-.PHONY: help venv install models test test-all lint demo docs bench clean
+.PHONY: help venv install models test-models test test-slow lint demo docs bench clean
 
 help:
 	@echo "make demo   - create .venv, install, provision the default models, run the main job"
@@ -37,6 +37,11 @@ test-models: install
 
 test: install test-models
 	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest $(PYTEST_ARGS)
+
+# Long real-model runs (Qwen2.5-Coder-0.5B target): not part of the default suite; CI runs them after it.
+test-slow: install
+	$(VENV)/bin/trprompt models fetch qwen2.5-coder-0.5b-instruct
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check trprompt_dspy tests programs benchmarks

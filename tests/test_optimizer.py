@@ -10,8 +10,8 @@ import pytest
 from programs.math import MathCoT, PlanAndSolve
 from tests.fakes import arithmetic_responder, scripted_lm
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.checkpoint import LogDirMismatchError
 from trprompt_dspy.artifact import load_compiled, save_compiled
+from trprompt_dspy.checkpoint import LogDirMismatchError
 from trprompt_dspy.program import QueryAwarePredict, query_aware_predictors
 from trprompt_dspy.prompt_model.fake import FakePromptModel
 

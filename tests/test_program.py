@@ -11,6 +11,7 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
+from trprompt_dspy.artifact import load_compiled, save_compiled
 from trprompt_dspy.program import (
     InstructionCall,
     QueryAwarePredict,
@@ -23,7 +24,6 @@ from trprompt_dspy.program import (
     query_aware_predictors,
     render_query,
 )
-from trprompt_dspy.artifact import load_compiled, save_compiled
 from trprompt_dspy.prompt_model.base import SFTExample
 from trprompt_dspy.prompt_model.fake import FakePromptModel
 

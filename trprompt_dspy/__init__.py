@@ -46,10 +46,10 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from trprompt_dspy.artifact import load_compiled, save_compiled
     from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
     from trprompt_dspy.models import list_presets, local_lm, resolve_model
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
-    from trprompt_dspy.artifact import load_compiled, save_compiled
     from trprompt_dspy.program import QueryAwarePredict
     from trprompt_dspy.prompt_model.base import InstructionRequest, PromptModel
     from trprompt_dspy.prompt_model.fake import FakePromptModel

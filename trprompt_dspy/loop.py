@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TRPromptRun", "CompileError"]
 
+#: Output cap of each TextGrad call (gradient, update); t* itself is asked to stay under 120 words.
+TEXTGRAD_MAX_TOKENS = 384
+
 
 class CompileError(RuntimeError):
     """The compile cannot continue (e.g. every rollout failed); the checkpoint in log_dir is kept."""
@@ -224,7 +227,7 @@ class TRPromptRun:
 
         rng = random.Random(self.opt.seed * 1000 + 500 + k)
         batch = rng.sample(self.trainset, min(self.budget.textgrad_batch_size, len(self.trainset)))
-        engine = DSPyTextGradEngine(self.textgrad_lm)
+        engine = DSPyTextGradEngine(self.textgrad_lm, max_tokens=TEXTGRAD_MAX_TOKENS)
 
         def evaluate(t: str) -> Any:
             self.metric_calls += len(batch)

@@ -5,6 +5,12 @@
 * ``fake.FakePromptModel`` — deterministic, for unit tests.
 """
 
-from trprompt_dspy.prompt_model.base import InstructionRequest, PromptModel, SFTExample, TrainResult, build_messages
+from trprompt_dspy.prompt_model.base import (
+    InstructionRequest,
+    PromptModel,
+    SFTExample,
+    TrainResult,
+    build_messages,
+)
 
 __all__ = ["InstructionRequest", "PromptModel", "SFTExample", "TrainResult", "build_messages"]
