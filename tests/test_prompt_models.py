@@ -177,3 +177,22 @@ def test_writer_drives_a_query_aware_program():
     assert "Predictor: predict" in engine.requests[-1].messages[-1].text
     assert "question: 2+3?" in engine.requests[-1].messages[-1].text
     assert pred.query_instruction in target.history[-1]["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("requests,kw,exc,match", [
+    ("not a list", {}, TypeError, "sequence of InstructionRequest"),
+    ([{"query": "q"}], {}, TypeError, r"requests\[0\]"),
+    ([], {"n": 0}, ValueError, "n must be a positive integer"),
+    ([], {"temperature": -0.1}, ValueError, "temperature"),
+    ([], {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+])
+def test_every_backend_validates_generate_arguments(requests, kw, exc, match):
+    from trprompt_dspy.prompt_model.base import check_generate_args
+    from trprompt_dspy.prompt_model.hf import HFPromptModel
+
+    args = {"n": 1, "temperature": 0.0, "max_new_tokens": 16, **kw}
+    with pytest.raises(exc, match=match):
+        check_generate_args(requests, **args)
+    # the real HF backend rejects the same input before loading any weights
+    with pytest.raises(exc, match=match):
+        HFPromptModel("smollm2-135m-instruct").generate(requests, **args)

@@ -32,6 +32,7 @@ __all__ = [
     "PromptModel",
     "SYSTEM_PROMPT",
     "build_messages",
+    "check_generate_args",
 ]
 
 SYSTEM_PROMPT = (
@@ -155,3 +156,26 @@ def build_messages(request: InstructionRequest) -> list[dict[str, str]]:
         "Write the instruction."
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def check_generate_args(requests: Sequence[InstructionRequest], *, n: int, temperature: float | None,
+                        max_new_tokens: int) -> list[InstructionRequest]:
+    """Validate :meth:`PromptModel.generate`'s arguments (shared by every backend); return the requests.
+
+    Raises:
+        TypeError: ``requests`` is not a sequence of :class:`InstructionRequest`.
+        ValueError: ``n < 1``, ``temperature < 0`` or ``max_new_tokens < 1``.
+    """
+    if isinstance(requests, (InstructionRequest, str)) or not isinstance(requests, Sequence):
+        raise TypeError(f"requests must be a sequence of InstructionRequest; got {type(requests).__name__} "
+                        "(wrap a single request in a list).")
+    for i, r in enumerate(requests):
+        if not isinstance(r, InstructionRequest):
+            raise TypeError(f"requests[{i}] must be an InstructionRequest; got {type(r).__name__}: {r!r:.200}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer; got n={n!r}.")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature!r}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+    return list(requests)

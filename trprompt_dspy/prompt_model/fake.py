@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample, TrainResult
+from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample, TrainResult, check_generate_args
 
 __all__ = ["FakePromptModel", "FakeGenerateCall", "DEFAULT_TEMPLATE"]
 
@@ -135,16 +135,7 @@ class FakePromptModel:
         seed: int | None = None,
     ) -> list[list[str]]:
         """Return ``n`` instructions per request (see the class docstring for sampling)."""
-        requests = tuple(requests)
-        for i, req in enumerate(requests):
-            if not isinstance(req, InstructionRequest):
-                raise TypeError(f"requests[{i}] must be an InstructionRequest; got {type(req).__name__}.")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer; got n={n!r}.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature!r}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+        requests = tuple(check_generate_args(requests, n=n, temperature=temperature, max_new_tokens=max_new_tokens))
         with self._lock:
             self.calls.append(FakeGenerateCall(requests, float(temperature), n, max_new_tokens, seed,
                                                threading.get_ident(), self._adapter_path))

@@ -49,7 +49,13 @@ from trprompt_dspy._lazy import require
 from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.models.batching import MicroBatcher
 from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, get_preset, is_preset_name
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample, TrainResult, build_messages
+from trprompt_dspy.prompt_model.base import (
+    InstructionRequest,
+    SFTExample,
+    TrainResult,
+    build_messages,
+    check_generate_args,
+)
 
 __all__ = ["HFPromptModel"]
 
@@ -162,18 +168,7 @@ class HFPromptModel:
             TypeError: A request is not an :class:`InstructionRequest`.
             ValueError: ``n < 1``, ``temperature < 0`` or ``max_new_tokens < 1``.
         """
-        if isinstance(requests, InstructionRequest) or not isinstance(requests, Sequence):
-            raise TypeError(f"requests must be a sequence of InstructionRequest; got {type(requests).__name__} "
-                            "(wrap a single request in a list).")
-        for i, r in enumerate(requests):
-            if not isinstance(r, InstructionRequest):
-                raise TypeError(f"requests[{i}] must be an InstructionRequest; got {type(r).__name__}: {r!r:.200}.")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be an int >= 1; got {n!r}.")
-        if temperature is None or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature!r}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}.")
+        requests = check_generate_args(requests, n=n, temperature=temperature, max_new_tokens=max_new_tokens)
         if not requests:
             return []
         self._ensure_loaded()

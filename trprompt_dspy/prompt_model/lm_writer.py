@@ -24,7 +24,13 @@ from contextvars import copy_context
 from pathlib import Path
 from typing import Any
 
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample, TrainResult, build_messages
+from trprompt_dspy.prompt_model.base import (
+    InstructionRequest,
+    SFTExample,
+    TrainResult,
+    build_messages,
+    check_generate_args,
+)
 
 __all__ = ["LMInstructionWriter"]
 
@@ -82,16 +88,7 @@ class LMInstructionWriter:
         seed: int | None = None,
     ) -> list[list[str]]:
         """Return ``n`` LM-written instructions per request, in request order."""
-        requests = list(requests)
-        for i, req in enumerate(requests):
-            if not isinstance(req, InstructionRequest):
-                raise TypeError(f"requests[{i}] must be an InstructionRequest; got {type(req).__name__}.")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer; got n={n!r}.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature!r}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+        requests = check_generate_args(requests, n=n, temperature=temperature, max_new_tokens=max_new_tokens)
         if not requests:
             return []
         samples = 1 if temperature == 0 else n
