@@ -135,7 +135,43 @@ def test_resume_reuses_finished_iterations(tmp_path, lm):
 def test_log_dir_from_a_different_config_is_refused(tmp_path, lm):
     compile_small(tmp_path, num_iterations=1)
     with pytest.raises(LogDirMismatchError, match="budget"):
-        compile_small(tmp_path, num_iterations=2)
+        compile_small(tmp_path, num_iterations=1, prompts_per_query=3)
+    with pytest.raises(LogDirMismatchError, match="metric"):
+        compile_small(tmp_path, num_iterations=1, metric=feedback_metric)
+
+
+def test_a_finished_run_can_be_extended_with_more_iterations(tmp_path, lm):
+    compile_small(tmp_path, num_iterations=1)
+    pm = fake_pm()
+    compiled, _, _ = compile_small(tmp_path, pm=pm, num_iterations=2)
+    assert len(compiled.detailed_results.iterations) == 2
+    assert len(pm.train_calls) == 1  # only the new iteration trained
+
+
+def test_a_bare_predict_student_becomes_query_aware(tmp_path, lm):
+    pm = fake_pm()
+    opt = TRPromptOptimizer(metric=numeric_metric, prompt_model=pm, log_dir=tmp_path / "log",
+                            display_progress=False, **{**SMALL, "num_iterations": 1})
+    compiled = opt.compile(dspy.Predict("question -> answer"), trainset=make_data(8), valset=make_data(2, 50))
+    assert isinstance(compiled, QueryAwarePredict)
+    assert compiled(question="What is 2 + 3?").query_instruction
+
+
+def test_no_completed_iteration_returns_the_student(tmp_path, lm):
+    compiled, pm, _ = compile_small(tmp_path, max_metric_calls=2)  # the baseline alone uses the budget
+    assert compiled.detailed_results.best_iteration is None and compiled.detailed_results.iterations == ()
+    assert type(compiled.cot.predict) is dspy.Predict
+
+
+def test_a_fresh_run_does_not_inherit_the_previous_compiles_adapter(tmp_path, lm):
+    pm = fake_pm()
+    compile_small(tmp_path / "a", pm=pm, num_iterations=1)
+    assert pm.adapter_path is not None
+    start = len(pm.calls)
+    compile_small(tmp_path / "b", pm=pm, num_iterations=1)
+    first_sampled = next(c for c in pm.calls[start:] if c.temperature > 0)
+    # run b's rollouts sampled from the initial (bare) prompt model, not from run a's adapter
+    assert first_sampled.adapter_path is None
 
 
 def test_save_and_load_round_trip(tmp_path, lm):
@@ -161,6 +197,7 @@ def test_save_and_load_round_trip(tmp_path, lm):
     (dict(auto="light", sft={"extra": {"max_seq_length": 9}}), ValueError, "max_length"),
     (dict(auto="light", initial_reward="  "), ValueError, "initial_reward"),
     (dict(auto="light", predictors="cot.predict"), TypeError, "predictors"),
+    (dict(auto="light", predictors=[]), ValueError, "selects nothing"),
     (dict(auto="light", sampling_temperature=-1), ValueError, "sampling_temperature"),
     (dict(auto="light", seed=-5), ValueError, "seed"),
 ])
@@ -202,3 +239,11 @@ def test_missing_lm_and_broken_metric_fail_fast(tmp_path):
                             display_progress=False, **SMALL)
     with pytest.raises(ValueError, match="nan_metric"):
         opt.compile(MathCoT(), trainset=make_data(4))
+
+
+def test_an_untrainable_prompt_model_is_refused_up_front():
+    from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+
+    with pytest.raises(TypeError, match="cannot be fine-tuned"):
+        TRPromptOptimizer(metric=numeric_metric, auto="light",
+                          prompt_model=LMInstructionWriter(scripted_lm(arithmetic_responder)))

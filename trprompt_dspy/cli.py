@@ -127,7 +127,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.compiled:
         from trprompt_dspy.artifact import load_compiled
 
-        program = load_compiled(program, args.compiled)
+        from trprompt_dspy.prompt_model.hf import HFPromptModel
+
+        program = load_compiled(program, args.compiled, prompt_model_factory=lambda desc, adapter: HFPromptModel(
+            desc.get("base_model") or "smollm2-135m-instruct", adapter_path=adapter))
     data = load_fixed_split(args.dataset, args.split, data_dir=args.data_dir, source=args.source, limit=args.limit)
     lm = make_target_lm(args)
     with dspy.context(lm=lm):
@@ -156,7 +159,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         compiled = opt.compile(program, trainset=train, valset=val)
     save_compiled(compiled, args.out)
     res = compiled.detailed_results
-    print(f"baseline {res.baseline_score:.3f} -> compiled {res.best_score:.3f}; saved to {args.out}")
+    best = "n/a" if res.best_score is None else f"{res.best_score:.3f}"
+    print(f"validation: baseline {res.baseline_score:.3f} -> compiled {best}; saved to {args.out}")
     return 0
 
 
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"evaluate": _cmd_evaluate, "compile": _cmd_compile, "demo": _cmd_demo}
     try:
         return args.func(args) if args.command == "models" else handlers[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as exc:
         print(f"trprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ class TRPromptRun:
         self.pm, self.reward_lm, self.textgrad_lm = prompt_model, reward_lm, textgrad_lm
         self.run_dir, self.meter = run_dir, meter
         self.budget = optimizer.budget
-        self.metric = MetricAdapter(optimizer.metric)
+        self.metric = MetricAdapter(optimizer.metric, failure_score=optimizer.failure_score)
         self.metric_calls = 0
         self.t_star = optimizer.initial_reward
         self.t_history: list[str] = [self.t_star]
@@ -66,12 +67,15 @@ class TRPromptRun:
         from trprompt_dspy.program import install_query_aware
 
         resumed = self.run_dir.prepare()
-        self._restore_state() if resumed else None
+        if resumed:
+            self._restore_state()
+        if not self.stats:  # a fresh run (or one killed in iteration 0) starts from the bare base model
+            self.pm.load_adapter(None)
         self._log_projection()
-        program = self.student.deepcopy()
-        install_query_aware(program, prompt_model=self.pm, optimal_reward=self.t_star,
-                            predictors=self.opt.predictors,
-                            generation={"temperature": 0.0, "max_new_tokens": self.opt.max_instruction_tokens})
+        program = install_query_aware(
+            self.student.deepcopy(), prompt_model=self.pm, optimal_reward=self.t_star,
+            predictors=self.opt.predictors,
+            generation={"temperature": 0.0, "max_new_tokens": self.opt.max_instruction_tokens})
         with track_usage() as tracker:
             self._smoke_test()
             if self.baseline_score is None:
@@ -85,7 +89,11 @@ class TRPromptRun:
                 self._save_state()
             tokens = {m: {k: int(v) for k, v in u.items() if isinstance(v, (int, float))}
                       for m, u in tracker.get_total_tokens().items()}
-        self._finalize(program)
+        if self.best["iteration"] is None:
+            logger.warning("No TRPrompt iteration completed (budget exhausted); returning a copy of the student.")
+            program = self.student.deepcopy()
+        else:
+            self._finalize(program)
         if self.opt.track_stats:
             program.detailed_results = self._result(tokens)
         return program
@@ -98,13 +106,6 @@ class TRPromptRun:
         logger.info("==> TRPrompt iteration %d/%d", k + 1, self.budget.num_iterations)
         with _timed(seconds, "rollouts"):
             rollouts = self._rollouts(k, program, d)
-        live = [r for r in rollouts if not r.error]
-        if not live:
-            first = next((r.error for r in rollouts if r.error), "unknown error")
-            raise CompileError(
-                f"Every rollout of iteration {k} failed, e.g.: {first}. Check the target LM and the metric; "
-                f"the checkpoint in {self.run_dir.root} is kept, so re-running compile resumes here."
-            )
         with _timed(seconds, "sft"):
             sft_examples, n_filtered = self._sft_data(k, rollouts, d)
             train = self._train(k, sft_examples, d)
@@ -143,6 +144,7 @@ class TRPromptRun:
         final = d / "rollouts.json"
         saved = self.run_dir.read_json(final)
         if saved is not None:
+            self.metric_calls += len(saved)
             return [Rollout.from_dict(r) for r in saved]
         rng = random.Random(self.opt.seed * 1000 + k)
         n_q = min(self.budget.queries_per_iteration, len(self.trainset))
@@ -150,7 +152,7 @@ class TRPromptRun:
         queries = rng.sample(self.trainset, n_q)
         partial = d / "rollouts.partial.jsonl"
         done = {(r["example_index"], r["sample_index"]): Rollout.from_dict(r)
-                for r in self.run_dir.read_jsonl(partial)}
+                for r in self.run_dir.read_jsonl(partial) if not r.get("error")}  # failed ones are retried
         writer = self.pm
         if k == 0 and self.opt.seed_lm is not None:
             from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
@@ -165,17 +167,28 @@ class TRPromptRun:
                 on_result=lambda r: self.run_dir.append_jsonl(partial, r.to_dict()), skip=set(done),
             )
         self.metric_calls += len(fresh)
-        self.meter.count("prompt_model", sum(len(r.instructions) for r in fresh))
+        if writer is self.pm:  # a seed LM's calls are counted by the LM callback (role "seed_writer")
+            self.meter.count("prompt_model", sum(len(r.instructions) for r in fresh))
         rollouts = sorted([*done.values(), *fresh], key=lambda r: (r.example_index, r.sample_index))
-        for r in rollouts:
+        for r in fresh:
             if r.error:
                 self.meter.fail("program_error")
+        live = [r for r in rollouts if not r.error]
+        if not live:
+            first = next((r.error for r in rollouts if r.error), "unknown error")
+            raise CompileError(
+                f"Every rollout of iteration {k} failed, e.g.: {first}. Check the target LM, the prompt model and "
+                f"the metric; re-running compile with log_dir={str(self.run_dir.root)!r} retries the failed ones."
+            )
         with self._role("reward"):
-            TextualRewardModel(self.reward_lm).score_rollouts(
-                [r for r in rollouts if not r.error], num_threads=self.opt.num_threads)
-        for r in rollouts:
-            if not r.error and not r.reward:
-                self.meter.fail("reward_error")
+            TextualRewardModel(self.reward_lm).score_rollouts(live, num_threads=self.opt.num_threads)
+        failed_rewards = [r for r in live if not r.reward]
+        self.meter.fail("reward_error", len(failed_rewards)) if failed_rewards else None
+        if len(failed_rewards) == len(live):
+            raise CompileError(
+                f"The reward LM failed on every rollout of iteration {k}, e.g.: {failed_rewards[0].reward_error}. "
+                f"Check reward_lm; re-running compile with log_dir={str(self.run_dir.root)!r} resumes here."
+            )
         self.run_dir.write_json(final, [r.to_dict() for r in rollouts])
         return rollouts
 
@@ -205,6 +218,8 @@ class TRPromptRun:
                 f"Iteration {k} produced no usable SFT examples (every instruction was empty or stated the "
                 "answer). Try seed_lm=<a stronger dspy.LM> for iteration 0, or more prompts_per_query."
             )
+        for stale in d.glob(".adapter.*"):  # staging folders of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         staging = self.run_dir.staging_dir(adapter)
         result = self.pm.train(examples, output_dir=staging, lora=self.opt.lora, sft=self.opt.sft,
                                seed=self.opt.seed + k)
@@ -218,6 +233,8 @@ class TRPromptRun:
     def _refine(self, k: int, program: dspy.Module, d: Path) -> bool:
         saved = self.run_dir.read_json(d / "refine.json")
         if saved is not None:
+            if saved["value"] != self.t_star:
+                self.t_history.append(saved["value"])
             self.t_star = saved["value"]
             return bool(saved["accepted"])
         if self.budget.textgrad_steps == 0:
@@ -232,8 +249,10 @@ class TRPromptRun:
         def evaluate(t: str) -> Any:
             self.metric_calls += len(batch)
             with self._role("target"):
-                return evaluate_program(program, batch, metric=self.metric, num_threads=self.opt.num_threads,
-                                        reward_text=t, prompt_model=self.pm)
+                res = evaluate_program(program, batch, metric=self.metric, num_threads=self.opt.num_threads,
+                                       reward_text=t, prompt_model=self.pm)
+            self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
+            return res
 
         result = refine_optimal_reward(self.t_star, evaluate=evaluate, engine=engine,
                                        steps=self.budget.textgrad_steps)
@@ -252,6 +271,7 @@ class TRPromptRun:
     def _validate(self, k: int, program: dspy.Module, d: Path) -> float:
         saved = self.run_dir.read_json(d / "val.json")
         if saved is not None:
+            self.metric_calls += len(saved.get("scores", []))
             return float(saved["score"])
         from trprompt_dspy.rollouts import evaluate_program
 
@@ -259,6 +279,7 @@ class TRPromptRun:
         with self._role("target"):
             res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.opt.num_threads,
                                    reward_text=self.t_star, prompt_model=self.pm)
+        self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
         self.run_dir.write_json(d / "val.json", {"score": res.score, "scores": res.scores,
                                                  "t_star": self.t_star})
         return float(res.score)
@@ -290,14 +311,24 @@ class TRPromptRun:
                 f"{type(exc).__name__}: {exc}. Fix the program or its LM first."
             ) from exc
         self.metric(ex, pred, None, strict=True)
+        from trprompt_dspy.prompt_model.base import InstructionRequest
+
+        probe = InstructionRequest(predictor="probe", task="question -> answer", query="question: 1 + 1?",
+                                   reward=self.t_star)
+        try:
+            self.pm.generate([probe], temperature=0.0, n=1, max_new_tokens=4)
+        except Exception as exc:
+            raise CompileError(
+                f"The prompt model {self.pm!r} failed before optimization started: {type(exc).__name__}: {exc}"
+            ) from exc
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _finalize(self, program: dspy.Module) -> None:
         from trprompt_dspy.program import query_aware_predictors
 
-        best_adapter = self.best.get("adapter")
-        if best_adapter:
-            self.pm.load_adapter(best_adapter)
+        best_adapter = self.run_dir.iter_dir(self.best["iteration"]) / "adapter"
+        self.pm.load_adapter(best_adapter if best_adapter.is_dir() else None)
+        program.trprompt_adapter = str(best_adapter)
         for _, p in query_aware_predictors(program):
             p.optimal_reward = self.best.get("t_star") or self.t_star
         program._compiled = True

@@ -58,6 +58,9 @@ class TRPromptOptimizer(Teleprompter):
             reward model.
         prompt_model: A :class:`~trprompt_dspy.prompt_model.base.PromptModel`, or a model preset / HF id /
             local path for the default HF transformers + PEFT backend. Default: ``"smollm2-135m-instruct"``.
+            A compile starts from the bare base weights (any active adapter is unloaded) and leaves the
+            best iteration's adapter active; the compiled program uses this object, so compile different
+            programs with different prompt-model objects if you need both at once.
         reward_lm: The textual reward model R. Default: the target LM (the student's LM or ``dspy.settings.lm``).
         textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``.
         seed_lm: If set, iteration 0's instructions come from this (stronger) ``dspy.LM`` instead of the
@@ -151,6 +154,11 @@ class TRPromptOptimizer(Teleprompter):
                 "prompt_model must be a PromptModel (e.g. HFPromptModel(...)), a model preset name, an HF id "
                 f"or a local path; got {type(prompt_model).__name__}."
             )
+        if isinstance(prompt_model, PromptModel) and not getattr(prompt_model, "trainable", True):
+            raise TypeError(
+                f"prompt_model {type(prompt_model).__name__} cannot be fine-tuned; pass a trainable prompt model "
+                "(e.g. HFPromptModel) and give this one as seed_lm's writer instead (seed_lm=<dspy.LM>)."
+            )
         self.prompt_model = prompt_model
         for name, lm in (("reward_lm", reward_lm), ("textgrad_lm", textgrad_lm), ("seed_lm", seed_lm)):
             if lm is not None and not isinstance(lm, dspy.BaseLM):
@@ -163,6 +171,8 @@ class TRPromptOptimizer(Teleprompter):
         self.initial_reward = initial_reward.strip()
         if predictors is not None and (isinstance(predictors, str) or not all(isinstance(p, str) for p in predictors)):
             raise TypeError(f"predictors must be a list of predictor names; got {predictors!r}.")
+        if predictors is not None and len(predictors) == 0:
+            raise ValueError("predictors=[] selects nothing; pass None for all predictors or a list of names.")
         self.predictors = list(predictors) if predictors is not None else None
         check_number("sampling_temperature", sampling_temperature, low=0.0, high=5.0)
         self.sampling_temperature = float(sampling_temperature)
@@ -268,13 +278,21 @@ class TRPromptOptimizer(Teleprompter):
         def digest(obj: Any) -> str:
             return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+        from trprompt_dspy.metric_adapter import metric_name
+
         structure = [(n, str(p.signature)) for n, p in student.named_predictors()]
         data = [[dict(ex.inputs()), dict(ex.labels())] for ex in trainset]
+        lms = [getattr(p.lm or dspy.settings.lm, "model", None) for _, p in student.named_predictors()]
+        per_iteration = {k: v for k, v in self.budget.__dict__.items()
+                         if k not in ("num_iterations", "max_metric_calls")}  # these may grow on resume
         return {
             "program": digest(structure),
             "trainset": digest(data),
             "valset": digest([[dict(ex.inputs()), dict(ex.labels())] for ex in valset]),
-            "budget": digest(self.budget.__dict__),
+            "budget": digest(per_iteration),
+            "models": digest([lms, getattr(self.reward_lm, "model", None), getattr(self.textgrad_lm, "model", None),
+                              getattr(self.seed_lm, "model", None)]),
+            "metric": metric_name(self.metric),
             "training": digest([self.lora.to_dict(), self.sft.to_dict()]),
             "algorithm": digest([self.initial_reward, self.predictors, self.sampling_temperature,
                                  self.max_instruction_tokens, self.failure_score, self.seed_lm is not None]),
