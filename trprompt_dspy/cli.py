@@ -126,7 +126,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     program = load_program(args.program)
     if args.compiled:
         from trprompt_dspy.artifact import load_compiled
-
         from trprompt_dspy.prompt_model.hf import HFPromptModel
 
         program = load_compiled(program, args.compiled, prompt_model_factory=lambda desc, adapter: HFPromptModel(
