@@ -50,7 +50,7 @@ class Budget:
         textgrad_steps: TextGrad updates of the optimal textual reward per iteration.
         textgrad_batch_size: Queries per TextGrad minibatch.
         val_size: Validation examples used to score each iteration's candidate.
-        max_metric_calls: Optional hard cap on metric calls; the loop stops early when reached.
+        max_metric_calls: Optional budget of metric calls, checked before each iteration (a soft cap).
     """
 
     num_iterations: int

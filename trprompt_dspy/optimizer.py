@@ -72,7 +72,9 @@ class TRPromptOptimizer(Teleprompter):
         textgrad_steps: TextGrad updates of t* per iteration (0 disables refinement).
         textgrad_batch_size: Queries per TextGrad minibatch.
         val_size: Validation examples that score each iteration.
-        max_metric_calls: Hard cap on metric calls; the loop stops early when it is reached.
+        max_metric_calls: Budget of metric calls (program runs), checked before each iteration; an
+            iteration's rollouts are sized to fit what is left, but its TextGrad minibatches and validation
+            may exceed the cap by up to ``2 * textgrad_steps * textgrad_batch_size + val_size``.
         lora: :class:`~trprompt_dspy.config.LoraSettings` or a dict of its fields.
         sft: :class:`~trprompt_dspy.config.SFTSettings` or a dict of its fields.
         initial_reward: t*_0, the description of an ideal outcome.
