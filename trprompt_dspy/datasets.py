@@ -187,8 +187,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     The folder is not required to exist; loaders check the files they need.
 
     Example:
-        >>> resolve_data_dir("/tmp/mydata")
-        PosixPath('/tmp/mydata')
+        >>> resolve_data_dir("data/mydata")
+        PosixPath('data/mydata')
     """
     if data_dir is not None:
         return Path(data_dir).expanduser()

