@@ -209,3 +209,21 @@ def test_importing_refine_does_not_import_textgrad():
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_candidate_that_restates_a_query_is_rejected_without_evaluation():
+    question = "A farmer has 12 cows and buys 5 more cows at the market on Monday. How many cows now?"
+    engine = ScriptedEngine(["<IMPROVED_VARIABLE>The optimal reward: a farmer has 12 cows and buys 5 more cows "
+                             "at the market.</IMPROVED_VARIABLE>"])
+    log: list[str] = []
+
+    def evaluate(t):
+        log.append(t)
+        r = Rollout(0, 0, inputs={"question": question}, gold={"answer": "17"},
+                    instructions=[{"predictor": "p", "request": {}, "instruction": "Add."}],
+                    outputs={"answer": "16"}, score=0.0, feedback="Expected 17.")
+        return EvalResult(0.0, [0.0], [r])
+
+    res = refine_optimal_reward("Be correct.", evaluate=evaluate, engine=engine, steps=1)
+    assert res.value == "Be correct." and res.history[0]["error_kind"] == "copies_query"
+    assert log == ["Be correct."]  # the candidate was never evaluated

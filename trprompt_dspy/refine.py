@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,36 @@ def _gold_values(result: EvalResult) -> list[Any]:
     return [r.gold for r in result.rollouts]
 
 
+def _query_text(rollout: Any) -> str:
+    return " ".join(str(v) for v in (rollout.inputs or {}).values())
+
+
+def copies_a_query(candidate: str, queries: Sequence[str], *, ngram: int = 8) -> str | None:
+    """Return a run of ``ngram`` words that ``candidate`` shares with one of ``queries`` (else ``None``).
+
+    t* is shared by every query at inference, so a candidate that restates one query (small TextGrad
+    engines do this) is query-specific noise, whatever its minibatch score.
+
+    Example:
+        >>> copies_a_query("Find how many apples Tom has left after he gives away 3 of his 10 apples.",
+        ...                ["Tom has 10 apples. How many apples Tom has left after he gives away 3 of his 10 apples?"])
+        'how many apples tom has left after he'
+        >>> copies_a_query("The response checks each step and ends with the correct number.", ["Tom has 10 apples."])
+    """
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9$%.]+", text.lower())
+
+    cand = words(candidate)
+    grams = {" ".join(cand[i:i + ngram]) for i in range(len(cand) - ngram + 1)}
+    for q in queries:
+        qw = words(q)
+        for i in range(len(qw) - ngram + 1):
+            g = " ".join(qw[i:i + ngram])
+            if g in grams:
+                return g
+    return None
+
+
 def refine_optimal_reward(
     t_star: str,
     *,
@@ -366,6 +397,12 @@ def refine_optimal_reward(
             entry["error_kind"] = "leak"
             entry["error"] = "rejected: the candidate states a gold answer of the minibatch"
             logger.info("TextGrad step %d: candidate leaks a gold answer; rejected", step)
+            continue
+        copied = copies_a_query(candidate, [_query_text(r) for r in before.rollouts])
+        if copied:
+            entry["error_kind"] = "copies_query"
+            entry["error"] = f"rejected: the candidate copies query text ({copied!r}); t* must describe any outcome"
+            logger.info("TextGrad step %d: candidate copies a query; rejected", step)
             continue
         try:
             after = evaluate(candidate)
