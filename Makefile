@@ -8,7 +8,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS ?= train,dev,bench
 PYTEST_ARGS ?=
 
-.PHONY: help venv install models test-models test test-slow lint demo docs bench clean
+.PHONY: help venv install models test-models test test-slow test-server lint demo docs bench clean
 
 help:
 	@echo "make demo   - create .venv, install, provision the default models, run the main job"
@@ -43,11 +43,20 @@ test-slow: install
 	$(VENV)/bin/trprompt models fetch qwen2.5-coder-0.5b-instruct
 	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# A real vLLM (CPU) server: creates the separate vLLM venv once (~3 min, 3.5 GB in the model cache's
+# parent folder; `trprompt serve --install-only`), then runs the `server`-marked tests.
+test-server: install test-models
+	$(VENV)/bin/trprompt serve --install-only
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest -m server $(PYTEST_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check trprompt_dspy tests programs benchmarks
 
+# The demo serves the models with vLLM (its own venv, created once by `trprompt serve --install-only`).
+DEMO_ARGS ?=
 demo: models
-	LITELLM_LOCAL_MODEL_COST_MAP=True $(VENV)/bin/trprompt demo
+	$(VENV)/bin/trprompt serve --install-only
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(VENV)/bin/trprompt demo $(DEMO_ARGS)
 
 docs: install
 	$(PY) -m pip install -q $(PIP_C) -e '.[docs]'

@@ -38,6 +38,10 @@ _EXPORTS = {
     "HFPromptModel": "trprompt_dspy.prompt_model.hf",
     "LMInstructionWriter": "trprompt_dspy.prompt_model.lm_writer",
     "FakePromptModel": "trprompt_dspy.prompt_model.fake",
+    "VLLMPromptModel": "trprompt_dspy.prompt_model.vllm",
+    "VLLMServer": "trprompt_dspy.serving.server",
+    "CompileError": "trprompt_dspy.faults",
+    "ErrorBudgetExceededError": "trprompt_dspy.faults",
     "resolve_model": "trprompt_dspy.models",
     "local_lm": "trprompt_dspy.models",
     "list_presets": "trprompt_dspy.models",
@@ -48,6 +52,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:  # pragma: no cover
     from trprompt_dspy.artifact import load_compiled, save_compiled
     from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+    from trprompt_dspy.faults import CompileError, ErrorBudgetExceededError
     from trprompt_dspy.models import list_presets, local_lm, resolve_model
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
     from trprompt_dspy.program import QueryAwarePredict
@@ -55,7 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from trprompt_dspy.prompt_model.fake import FakePromptModel
     from trprompt_dspy.prompt_model.hf import HFPromptModel
     from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+    from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
     from trprompt_dspy.results import IterationStats, TRPromptResult
+    from trprompt_dspy.serving.server import VLLMServer
 
 
 def __getattr__(name: str) -> Any:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import dspy
 
+from trprompt_dspy.atomic import atomic_replace_dir, atomic_write_text, staging_dir
 from trprompt_dspy.program import (
     QueryAwarePredict,
     install_query_aware,
@@ -41,15 +40,6 @@ FORMAT_VERSION = 1
 _UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy"}
 _SIDECAR_KEYS = {"format_version", "created_at", "program_file", "program_class", "prompt_model", "base_model",
                  "adapter_path", "optimal_reward", "generation", "predictors", "versions"}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _versions() -> dict[str, str | None]:
@@ -68,8 +58,7 @@ def _versions() -> dict[str, str | None]:
 def _copy_adapter(src: Path, dest: Path) -> None:
     if not src.is_dir():
         raise FileNotFoundError(f"The prompt model's adapter_path {str(src)!r} is not a folder; cannot save it.")
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
+    tmp = staging_dir(dest)
     copied, skipped = [], []
     try:
         for f in sorted(src.iterdir()):
@@ -85,11 +74,7 @@ def _copy_adapter(src: Path, dest: Path) -> None:
                              f"{skipped}); save adapters with safetensors (safe_serialization=True).")
         if skipped:
             logger.warning("save_compiled: not copying pickle-based adapter files %s (only safetensors/JSON).", skipped)
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic_replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -143,7 +128,7 @@ def save_compiled(program: dspy.Module, path_dir: str | Path, *, prompt_model: P
     if pm.adapter_path:
         _copy_adapter(Path(pm.adapter_path), out / "adapter")
         adapter_rel = "adapter"
-    _atomic_write_text(out / "program.json", program_text)
+    atomic_write_text(out / "program.json", program_text)
     description = dict(pm.describe())
     if "adapter_path" in description:  # the artifact's copy, relative; never this machine's training folder
         description["adapter_path"] = adapter_rel
@@ -162,7 +147,7 @@ def save_compiled(program: dspy.Module, path_dir: str | Path, *, prompt_model: P
                        for n, p in preds},
         "versions": _versions(),
     }
-    _atomic_write_text(out / "trprompt.json", json.dumps(sidecar, indent=2, ensure_ascii=False, default=str))
+    atomic_write_text(out / "trprompt.json", json.dumps(sidecar, indent=2, ensure_ascii=False, default=str))
     logger.info("Saved compiled program (%d query-aware predictors) to %s", len(preds), out)
     return out
 
@@ -175,7 +160,8 @@ def _read_sidecar(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(side.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(side)!r} is not valid JSON: {exc}") from exc
+        raise ValueError(f"{str(side)!r} is corrupted (not valid JSON: {exc}). Re-save the program with "
+                         "save_compiled, or restore the artifact folder from a copy.") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{str(side)!r} must hold a JSON object; got {type(data).__name__}.")
     version = data.get("format_version")
@@ -192,20 +178,51 @@ def _read_sidecar(folder: Path) -> dict[str, Any]:
     return data
 
 
+_KEEP_INSIDE = " Keep the adapter inside the artifact folder (save_compiled writes adapter_path='adapter')."
+
+
 def _resolve_adapter(folder: Path, rel: Any) -> Path | None:
     if rel is None:
         return None
     if not isinstance(rel, str) or not rel.strip():
         raise ValueError(f"adapter_path in trprompt.json must be a relative path string or null; got {rel!r}.")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
-        raise ValueError(f"Refusing absolute adapter_path {rel!r} in trprompt.json; it must be relative to the folder.")
+        raise ValueError(f"Refusing absolute adapter_path {rel!r} in trprompt.json; it must be relative to the folder."
+                         f"{_KEEP_INSIDE}")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
-        raise ValueError(f"Refusing adapter_path {rel!r} in trprompt.json: it leaves the artifact folder ('..').")
+        raise ValueError(f"Refusing adapter_path {rel!r} in trprompt.json: it leaves the artifact folder ('..')."
+                         f"{_KEEP_INSIDE}")
     path = (folder / rel).resolve()
     if not path.is_relative_to(folder.resolve()):
-        raise ValueError(f"Refusing adapter_path {rel!r}: it resolves to {str(path)!r}, outside {str(folder)!r}.")
+        raise ValueError(f"Refusing adapter_path {rel!r}: it resolves to {str(path)!r}, outside {str(folder)!r}."
+                         f"{_KEEP_INSIDE}")
     if not path.is_dir():
         raise FileNotFoundError(f"The adapter folder {str(path)!r} named in trprompt.json does not exist.")
+    unsafe = sorted(f.name for f in path.iterdir() if f.suffix.lower() in _UNSAFE_SUFFIXES)
+    if unsafe:
+        raise ValueError(f"Refusing to load the adapter folder {str(path)!r}: it holds pickle-based files {unsafe}. "
+                         "TRPrompt artifacts hold JSON and safetensors only; re-save the adapter with "
+                         "safe_serialization=True.")
+    return path
+
+
+def _program_file(folder: Path, name: Any) -> Path:
+    """The program state file named in the sidecar: a ``.json`` file directly inside the folder, valid JSON."""
+    if not isinstance(name, str) or not name.endswith(".json") or PurePosixPath(name.replace("\\", "/")).name != name:
+        raise ValueError(f"program_file in trprompt.json must be a .json file name inside the artifact folder "
+                         f"(e.g. 'program.json'); got {name!r}. TRPrompt artifacts never load pickles.")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"The program state {str(path)!r} named in trprompt.json does not exist; "
+                                "re-save the program with save_compiled.")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is corrupted (not valid JSON: {exc}). Re-save the program with "
+                         "save_compiled, or restore the artifact folder from a copy.") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object (DSPy program state); got {type(state).__name__}. "
+                         "Re-save the program with save_compiled.")
     return path
 
 
@@ -250,7 +267,7 @@ def load_compiled(
         raise ValueError(f"The saved program has predictor(s) {missing} that {type(program).__name__} lacks (it has "
                          f"{names}). Load into a fresh instance of the class that was saved: {side.get('program_class')}.")
     rewards = {n: str((saved[n] or {}).get("optimal_reward", side.get("optimal_reward") or "")) for n in saved}
-    path = str(folder / side.get("program_file", "program.json"))
+    path = str(_program_file(folder, side.get("program_file", "program.json")))
     trial = program.deepcopy()  # fail on a copy before touching the caller's program
     trial = install_query_aware(trial, prompt_model=None, optimal_reward=rewards, predictors=list(saved))
     trial.load(path)

@@ -14,9 +14,12 @@
         refine.json              the TextGrad refinement of t* (phase done)
         val.json                 validation of the iteration's candidate (phase done)
 
-Every whole-file write goes through a temporary file and ``os.replace`` (or a directory rename), so a
-kill at any moment leaves either the old file or the new one. JSONL appends are flushed line by line;
-a torn last line is ignored on reading.
+Every whole-file write goes through a temporary file and ``os.replace`` (or a directory rename), see
+:mod:`trprompt_dspy.atomic`, so a kill at any moment leaves either the old file or the new one; temporary
+files left by a killed run are removed when the folder is reopened. JSONL appends are flushed line by
+line; a torn last line is ignored on reading (and terminated before the next append). A checkpoint file
+that does not parse or lacks its keys is logged and ignored, and its step redone. ``last_error.json``
+records why a compile stopped (e.g. the error budget) until a later run completes.
 
 Example:
     >>> import tempfile
@@ -33,12 +36,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from trprompt_dspy.atomic import (
+    atomic_replace_dir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    remove_stale_temps,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,37 +58,6 @@ FORMAT_VERSION = 1
 
 class LogDirMismatchError(ValueError):
     """``log_dir`` holds a run of a different program, dataset or configuration."""
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_replace_dir(src: str | Path, dst: str | Path) -> None:
-    """Move a finished directory ``src`` to ``dst``, replacing any old ``dst`` (rename-based)."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old")
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 class RunDirectory:
@@ -109,17 +87,19 @@ class RunDirectory:
                 f"log_dir {str(self.root)!r} is not writable ({exc.strerror or exc}). "
                 "Pass a folder you can write to, e.g. log_dir='runs/trprompt'."
             ) from exc
+        remove_stale_temps(self.root)
         run_file = self.root / "run.json"
         if not run_file.exists():
             atomic_write_json(run_file, {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint})
             return False
         saved = self.read_json(run_file)
-        if saved is None:
+        if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), dict):
             raise LogDirMismatchError(
                 f"{run_file} is corrupted, so this log_dir cannot be resumed safely. "
                 "Use a new log_dir, or delete the folder to start over."
             )
-        if saved.get("format_version", 0) > FORMAT_VERSION:
+        version = saved.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise LogDirMismatchError(
                 f"log_dir {str(self.root)!r} was written by a newer trprompt_dspy (format "
                 f"{saved.get('format_version')} > {FORMAT_VERSION}). Upgrade trprompt_dspy or use a new log_dir."
@@ -143,22 +123,40 @@ class RunDirectory:
     def write_json(self, path: str | Path, obj: Any) -> None:
         atomic_write_json(path, obj)
 
-    def read_json(self, path: str | Path) -> Any | None:
-        """Read a JSON file; a missing or corrupted file gives ``None`` (corruption is logged)."""
+    def read_json(self, path: str | Path, *, required: Sequence[str] = ()) -> Any | None:
+        """Read a checkpoint file; a missing, half-written or incomplete one gives ``None``.
+
+        Args:
+            path: The file.
+            required: Keys a valid file must hold (it must then be a JSON object). A file that fails to
+                parse or lacks one of them is logged and ignored, so its step is redone.
+        """
         path = Path(path)
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             logger.warning("Ignoring corrupted checkpoint file %s (%s); that step will be redone.", path, exc)
             return None
+        if required and (not isinstance(data, dict) or any(k not in data for k in required)):
+            logger.warning("Ignoring incomplete checkpoint file %s (it needs the keys %s); that step will be redone.",
+                           path, list(required))
+            return None
+        return data
 
     def append_jsonl(self, path: str | Path, record: dict[str, Any]) -> None:
-        """Append one JSON line and flush it to disk (thread-safe)."""
+        """Append one JSON line and flush it to disk (thread-safe).
+
+        A torn last line left by a killed writer is terminated first, so the new record stays readable.
+        """
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with self._lock, open(path, "a", encoding="utf-8") as f:
-            f.write(line)
+        with self._lock, open(path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 
@@ -167,19 +165,11 @@ class RunDirectory:
         return list(_iter_jsonl(Path(path)))
 
     def write_jsonl(self, path: str | Path, records: list[dict[str, Any]]) -> None:
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_jsonl(path, records)
 
     def staging_dir(self, final: Path) -> Path:
         """A fresh temporary folder next to ``final``; publish it with :func:`atomic_replace_dir`."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        return staging_dir(final)
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:

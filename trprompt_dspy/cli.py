@@ -8,6 +8,7 @@ Examples::
     trprompt evaluate --dataset gsm8k --split dev --limit 20 --target qwen2.5-coder-0.5b-instruct
     trprompt compile --dataset gsm8k --train-size 48 --auto light --out runs/my-compile
     trprompt demo
+    trprompt serve qwen2.5-coder-0.5b-instruct --enable-lora     # vLLM server; prints the dspy.LM line
 
 Programs are given as ``module:Class`` (default ``programs.math:MathCoT``, run from the repo root).
 """
@@ -45,14 +46,16 @@ def load_program(spec: str) -> Any:
     return cls()
 
 
-def _add_target_args(p: argparse.ArgumentParser) -> None:
+def _add_target_args(p: argparse.ArgumentParser, *, num_threads: int | None = 8) -> None:
     p.add_argument("--target", default="qwen2.5-coder-0.5b-instruct",
                    help="target model: a preset, HF id or local path (in-process), or an OpenAI-compatible "
                         "model name with --api-base (default: %(default)s)")
     p.add_argument("--api-base", default=None, help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default="EMPTY")
     p.add_argument("--max-tokens", type=int, default=512, help="target max new tokens (default: %(default)s)")
-    p.add_argument("--num-threads", type=int, default=8, help="parallel program runs (default: %(default)s)")
+    p.add_argument("--num-threads", type=int, default=num_threads,
+                   help="parallel program runs / concurrent requests (default: %s)"
+                        % (num_threads or "32 with vLLM, 16 with an API, 8 in-process"))
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_subcommand(sub)
 
+    from trprompt_dspy.serving.cli import add_serve_subcommand
+
+    add_serve_subcommand(sub)
+
     ev = sub.add_parser("evaluate", help="evaluate a program (or a compiled artifact) on a dataset split")
     _add_data_args(ev)
     _add_target_args(ev)
@@ -92,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, help="folder for the compiled program")
 
     demo = sub.add_parser("demo", help="the main job: baseline vs TRPrompt-compiled CoT on GSM8K, with a report")
-    _add_target_args(demo)
+    _add_target_args(demo, num_threads=None)
+    demo.add_argument("--backend", default="vllm", choices=["vllm", "hf", "api"],
+                      help="where the models run: local vLLM servers started for the run, in-process "
+                           "transformers, or the OpenAI-compatible --api-base (default: %(default)s)")
+    demo.add_argument("--prompt-model", default="smollm2-135m-instruct",
+                      help="prompt model preset / HF id / folder (default: %(default)s)")
     demo.add_argument("--train-size", type=int, default=48)
     demo.add_argument("--eval-size", type=int, default=40)
     demo.add_argument("--auto", default="light", choices=["light", "medium", "heavy"])
@@ -166,22 +178,32 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trprompt_dspy.demo import run_demo
 
-    run_demo(target=args.target, api_base=args.api_base, api_key=args.api_key, max_tokens=args.max_tokens,
-             num_threads=args.num_threads, train_size=args.train_size, eval_size=args.eval_size,
-             auto=args.auto, baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed,
-             program=args.program, seed_with_target=args.seed_with_target)
+    backend = "api" if args.api_base and args.backend == "vllm" else args.backend
+    results = run_demo(target=args.target, prompt_model=args.prompt_model, backend=backend, api_base=args.api_base,
+                       api_key=args.api_key, max_tokens=args.max_tokens, num_threads=args.num_threads,
+                       train_size=args.train_size, eval_size=args.eval_size, auto=args.auto,
+                       baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed,
+                       program=args.program, seed_with_target=args.seed_with_target)
+    report = Path(results["report_path"])
+    print(report.read_text())
+    print(f"Report, plots and results.json: {report.parent}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trprompt_dspy.serving.cli import split_passthrough
+
+    argv, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args.extra = passthrough  # vLLM api_server flags given after `--`
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "LiteLLM", "litellm", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {"evaluate": _cmd_evaluate, "compile": _cmd_compile, "demo": _cmd_demo}
     try:
-        return args.func(args) if args.command == "models" else handlers[args.command](args)
+        return args.func(args) if args.command in ("models", "serve") else handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as exc:
         print(f"trprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,13 @@ class Budget:
         textgrad_batch_size: Queries per TextGrad minibatch.
         val_size: Validation examples used to score each iteration's candidate.
         max_metric_calls: Optional budget of metric calls, checked before each iteration (a soft cap).
+
+    Example:
+        >>> b = Budget.resolve(None, {"num_iterations": 3}, max_metric_calls=500)  # unset counts: "light"
+        >>> b.num_iterations, b.queries_per_iteration, b.prompts_per_query, b.max_metric_calls
+        (3, 12, 2, 500)
+        >>> Budget.from_auto("medium").val_size
+        64
     """
 
     num_iterations: int
@@ -145,6 +152,13 @@ class LoraSettings:
     """LoRA adapter settings; fields map one-to-one onto ``peft.LoraConfig``.
 
     ``extra`` passes further ``LoraConfig`` fields through (checked against ``LoraConfig``'s own fields).
+
+    Example:
+        Pass one (or a dict of its fields) as ``TRPromptOptimizer(..., lora=...)``:
+
+        >>> lora = LoraSettings(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        >>> lora.to_dict()["target_modules"], lora.r
+        (['q_proj', 'v_proj'], 16)
     """
 
     r: int = 8
@@ -190,6 +204,13 @@ class SFTSettings:
             learns from bad outcomes too, because the textual reward describes them).
         bf16: ``"auto"`` uses bf16 autocast when the hardware supports it (CPU with AVX512-BF16, CUDA).
         extra: Further ``SFTConfig`` fields, checked against ``SFTConfig``'s own field list.
+
+    Example:
+        Pass one (or a dict of its fields) as ``TRPromptOptimizer(..., sft=...)``:
+
+        >>> sft = SFTSettings.from_value({"num_train_epochs": 3.0, "accumulate": False})
+        >>> sft.num_train_epochs, sft.accumulate, sft.learning_rate
+        (3.0, False, 0.0005)
     """
 
     learning_rate: float = 5e-4

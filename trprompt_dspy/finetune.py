@@ -42,13 +42,13 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from trprompt_dspy._lazy import require
+from trprompt_dspy.atomic import atomic_replace_dir, atomic_write_json, atomic_write_text, staging_dir
 from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.prompt_model.base import SFTExample, TrainResult, build_messages
 
@@ -311,16 +311,9 @@ def _check_output_dir(output_dir: Path) -> None:
 
 def _publish(staging: Path, output_dir: Path) -> None:
     """Move the finished ``staging`` folder to ``output_dir`` (renames only; an old adapter is replaced)."""
-    backup = None
-    if output_dir.exists():
-        if any(output_dir.iterdir()):
-            backup = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output_dir, backup)
-        else:
-            output_dir.rmdir()
-    os.replace(staging, output_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    if output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+    atomic_replace_dir(staging, output_dir)
 
 
 def _load_base(base_model: str | os.PathLike[str]) -> tuple[Any, Any]:
@@ -390,7 +383,7 @@ def train_lora(
             model, tokenizer = _load_base(base_model_path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = staging_dir(out)
     try:
         with lora_trainer(model, tokenizer, examples, lora=lora, sft=sft, seed=seed,
                           display_progress=display_progress) as trainer:
@@ -409,7 +402,7 @@ def train_lora(
         info = {"result": result.to_dict(), "base_model": base_model_id, "seed": seed, "lora": lora.to_dict(),
                 "sft": sft.to_dict(), "train_seconds": round(train_seconds, 3),
                 "seconds_per_step": round(train_seconds / max(1, steps), 3), "log_history": history}
-        (staging / TRAINING_INFO).write_text(json.dumps(info, indent=2, default=str))
+        atomic_write_json(staging / TRAINING_INFO, info)
         _publish(staging, out)
     finally:
         if staging.exists():
@@ -440,7 +433,7 @@ def _finish_adapter_folder(folder: Path, base_model_id: str) -> None:
     cfg_path = folder / ADAPTER_CONFIG
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base_model_id
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
     readme = folder / "README.md"  # PEFT's auto-generated model card names the local path; not needed
     if readme.is_file():
         readme.unlink()

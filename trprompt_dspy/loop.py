@@ -20,6 +20,14 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 from trprompt_dspy.checkpoint import RunDirectory
+from trprompt_dspy.faults import (
+    CompileError,
+    ErrorBudget,
+    ErrorBudgetExceededError,
+    GuardedPromptModel,
+    RetryPolicy,
+    classify_error,
+)
 from trprompt_dspy.prompt_model.base import PromptModel, SFTExample
 from trprompt_dspy.results import IterationStats, TRPromptResult
 from trprompt_dspy.usage import UsageMeter
@@ -29,14 +37,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TRPromptRun", "CompileError"]
+__all__ = ["TRPromptRun", "CompileError", "ErrorBudgetExceededError"]
 
 #: Output cap of each TextGrad call (gradient, update); t* itself is asked to stay under 120 words.
 TEXTGRAD_MAX_TOKENS = 384
 
 
-class CompileError(RuntimeError):
-    """The compile cannot continue (e.g. every rollout failed); the checkpoint in log_dir is kept."""
+#: TextGrad step failures that count against the error budget (rejections such as "leak" do not).
+_TEXTGRAD_FAILURES = frozenset({"missing_tags", "engine", "empty_gradient", "evaluation"})
+#: Smoke-test examples tried before a setup error is reported (one bad reply must not stop the compile).
+_SMOKE_TRIES = 3
 
 
 class TRPromptRun:
@@ -59,6 +69,13 @@ class TRPromptRun:
         self.best: dict[str, Any] = {"iteration": None, "score": None, "adapter": None, "t_star": self.t_star}
         self.baseline_score: float | None = None
         self.started = time.perf_counter()
+        self.retry = RetryPolicy(max_retries=optimizer.max_retries, base_delay=optimizer.retry_backoff,
+                                 seed=optimizer.seed, on_retry=lambda kind, _a, _e: meter.fail(f"retried_{kind}"))
+        self.errors = ErrorBudget(optimizer.max_error_rate, max_errors=optimizer.max_errors)
+        from trprompt_dspy.program import MAX_INSTRUCTION_CHARS
+
+        self.gpm = GuardedPromptModel(prompt_model, retry=self.retry, max_chars=MAX_INSTRUCTION_CHARS,
+                                      count=meter.fail)
 
     # -- orchestration ---------------------------------------------------------------------------
     def execute(self) -> dspy.Module:
@@ -77,16 +94,23 @@ class TRPromptRun:
             predictors=self.opt.predictors,
             generation={"temperature": 0.0, "max_new_tokens": self.opt.max_instruction_tokens})
         with track_usage() as tracker:
-            self._smoke_test()
-            if self.baseline_score is None:
-                self.baseline_score = self._baseline()
-            for k in range(len(self.stats), self.budget.num_iterations):
-                if self._budget_exhausted():
-                    logger.warning("max_metric_calls=%s reached after %d iteration(s); stopping early.",
-                                   self.budget.max_metric_calls, k)
-                    break
-                self._iteration(k, program)
-                self._save_state()
+            try:
+                self._smoke_test()
+                if self.baseline_score is None:
+                    self.baseline_score = self._baseline()
+                for k in range(len(self.stats), self.budget.num_iterations):
+                    if self._budget_exhausted():
+                        logger.warning("max_metric_calls=%s reached after %d iteration(s); stopping early.",
+                                       self.budget.max_metric_calls, k)
+                        break
+                    self._iteration(k, program)
+                    self._save_state()
+            except CompileError as exc:
+                self.run_dir.write_json(self.run_dir.root / "last_error.json", {
+                    "error": f"{type(exc).__name__}: {exc}", "completed_iterations": len(self.stats),
+                    "failures": self.meter.snapshot()["failures"]})
+                raise
+            (self.run_dir.root / "last_error.json").unlink(missing_ok=True)
             tokens = {m: {k: int(v) for k, v in u.items() if isinstance(v, (int, float))}
                       for m, u in tracker.get_total_tokens().items()}
         if self.best["iteration"] is None:
@@ -153,11 +177,12 @@ class TRPromptRun:
         partial = d / "rollouts.partial.jsonl"
         done = {(r["example_index"], r["sample_index"]): Rollout.from_dict(r)
                 for r in self.run_dir.read_jsonl(partial) if not r.get("error")}  # failed ones are retried
-        writer = self.pm
+        writer: Any = self.gpm
         if k == 0 and self.opt.seed_lm is not None:
             from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
 
-            writer = LMInstructionWriter(self.opt.seed_lm)
+            writer = GuardedPromptModel(LMInstructionWriter(self.opt.seed_lm), retry=self.retry,
+                                        max_chars=self.gpm.max_chars, count=self.meter.fail)
         with self._role("target"):
             fresh = run_rollouts(
                 program, queries, prompt_model=writer, reward_text=self.t_star,
@@ -165,14 +190,13 @@ class TRPromptRun:
                 seed=self.opt.seed * 1000 + k, metric=self.metric, num_threads=self.opt.num_threads,
                 failure_score=self.opt.failure_score, display_progress=self.opt.display_progress,
                 on_result=lambda r: self.run_dir.append_jsonl(partial, r.to_dict()), skip=set(done),
+                retry=self.retry,
             )
         self.metric_calls += len(fresh)
-        if writer is self.pm:  # a seed LM's calls are counted by the LM callback (role "seed_writer")
+        if writer is self.gpm:  # a seed LM's calls are counted by the LM callback (role "seed_writer")
             self.meter.count("prompt_model", sum(len(r.instructions) for r in fresh))
         rollouts = sorted([*done.values(), *fresh], key=lambda r: (r.example_index, r.sample_index))
-        for r in fresh:
-            if r.error:
-                self.meter.fail("program_error")
+        self._record_failures("rollouts", fresh)
         live = [r for r in rollouts if not r.error]
         if not live:
             first = next((r.error for r in rollouts if r.error), "unknown error")
@@ -181,9 +205,14 @@ class TRPromptRun:
                 f"the metric; re-running compile with log_dir={str(self.run_dir.root)!r} retries the failed ones."
             )
         with self._role("reward"):
-            TextualRewardModel(self.reward_lm).score_rollouts(live, num_threads=self.opt.num_threads)
+            TextualRewardModel(self.reward_lm).score_rollouts(live, num_threads=self.opt.num_threads,
+                                                              retry=self.retry)
         failed_rewards = [r for r in live if not r.reward]
-        self.meter.fail("reward_error", len(failed_rewards)) if failed_rewards else None
+        kinds = [r.reward_error_kind or "other" for r in failed_rewards]
+        for kind in kinds:
+            self.meter.fail("reward_error")
+            self.meter.fail(f"reward_{kind}")
+        self.errors.record("textual rewards", total=len(live), failures=kinds, log_dir=self.run_dir.root)
         if len(failed_rewards) == len(live):
             raise CompileError(
                 f"The reward LM failed on every rollout of iteration {k}, e.g.: {failed_rewards[0].reward_error}. "
@@ -244,22 +273,29 @@ class TRPromptRun:
 
         rng = random.Random(self.opt.seed * 1000 + 500 + k)
         batch = rng.sample(self.trainset, min(self.budget.textgrad_batch_size, len(self.trainset)))
-        engine = DSPyTextGradEngine(self.textgrad_lm, max_tokens=TEXTGRAD_MAX_TOKENS)
+        engine = DSPyTextGradEngine(self.textgrad_lm, max_tokens=TEXTGRAD_MAX_TOKENS, retry=self.retry)
 
         def evaluate(t: str) -> Any:
             self.metric_calls += len(batch)
             with self._role("target"):
                 res = evaluate_program(program, batch, metric=self.metric, num_threads=self.opt.num_threads,
-                                       reward_text=t, prompt_model=self.pm)
+                                       reward_text=t, prompt_model=self.gpm, retry=self.retry)
             self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
+            self._record_failures("TextGrad minibatch", res.rollouts)
             return res
 
         result = refine_optimal_reward(self.t_star, evaluate=evaluate, engine=engine,
                                        steps=self.budget.textgrad_steps)
         self.meter.count("textgrad", getattr(engine, "calls", 0))
+        step_failures = []
         for h in result.history:
             if h.get("error"):
-                self.meter.fail("textgrad_" + str(h.get("error_kind", "error")))
+                kind = str(h.get("cause") or h.get("error_kind") or "error")
+                self.meter.fail("textgrad_" + kind)
+                if h.get("error_kind") in _TEXTGRAD_FAILURES:
+                    step_failures.append(kind)
+        self.errors.record("TextGrad", total=len(result.history), failures=step_failures,
+                           log_dir=self.run_dir.root, systemic=False)
         if result.value != self.t_star:
             self.t_history.append(result.value)
         self.t_star = result.value
@@ -278,8 +314,9 @@ class TRPromptRun:
         self.metric_calls += len(self.valset)
         with self._role("target"):
             res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.opt.num_threads,
-                                   reward_text=self.t_star, prompt_model=self.pm)
+                                   reward_text=self.t_star, prompt_model=self.gpm, retry=self.retry)
         self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
+        self._record_failures("validation", res.rollouts)
         self.run_dir.write_json(d / "val.json", {"score": res.score, "scores": res.scores,
                                                  "t_star": self.t_star})
         return float(res.score)
@@ -293,7 +330,8 @@ class TRPromptRun:
         self.metric_calls += len(self.valset)
         with self._role("target"):
             res = evaluate_program(self.student.deepcopy(), self.valset, metric=self.metric,
-                                   num_threads=self.opt.num_threads)
+                                   num_threads=self.opt.num_threads, retry=self.retry)
+        self._record_failures("baseline", res.rollouts)
         self.run_dir.write_json(self.run_dir.root / "baseline.json", {"score": res.score, "scores": res.scores})
         logger.info("Baseline (uncompiled student) validation score: %.3f on %d examples.",
                     res.score, len(self.valset))
@@ -301,28 +339,54 @@ class TRPromptRun:
 
     def _smoke_test(self) -> None:
         """Run the student once on trainset[0] and call the metric, so setup errors surface immediately."""
-        ex = self.trainset[0]
-        try:
-            with self._role("target"):
-                pred = self.student.deepcopy()(**ex.inputs())
-        except Exception as exc:
+        from trprompt_dspy.metric_adapter import MetricValueError, metric_name
+
+        errors: list[tuple[int, BaseException]] = []
+        for i, ex in enumerate(self.trainset[:_SMOKE_TRIES]):
+            try:
+                with self._role("target"):
+                    pred = self.retry.call(self.student.deepcopy(), **ex.inputs())
+            except Exception as exc:
+                errors.append((i, exc))
+                continue
+            try:
+                self.metric(ex, pred, None, strict=True)
+            except MetricValueError:
+                raise
+            except Exception as exc:
+                raise ValueError(
+                    f"The metric {metric_name(self.opt.metric)!r} raised {type(exc).__name__}: {exc} on trainset[{i}] "
+                    f"and the program's prediction {dict(pred) if hasattr(pred, 'keys') else pred!r:.300}. A metric "
+                    "must return a score for every prediction: fix it, e.g. return 0.0 when a field is missing."
+                ) from exc
+            break
+        else:
+            i, exc = errors[0]
             raise CompileError(
-                f"The student program failed on trainset[0] before optimization started: "
-                f"{type(exc).__name__}: {exc}. Fix the program or its LM first."
+                f"The student program failed on the first {len(errors)} trainset example(s) before optimization "
+                f"started ({classify_error(exc)}): {type(exc).__name__}: {exc}. Fix the program or its LM first."
             ) from exc
-        self.metric(ex, pred, None, strict=True)
         from trprompt_dspy.prompt_model.base import InstructionRequest
 
         probe = InstructionRequest(predictor="probe", task="question -> answer", query="question: 1 + 1?",
                                    reward=self.t_star)
         try:
-            self.pm.generate([probe], temperature=0.0, n=1, max_new_tokens=4)
+            self.retry.call(self.pm.generate, [probe], temperature=0.0, n=1, max_new_tokens=4)
         except Exception as exc:
             raise CompileError(
-                f"The prompt model {self.pm!r} failed before optimization started: {type(exc).__name__}: {exc}"
+                f"The prompt model {self.pm!r} failed before optimization started ({classify_error(exc)}): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def _record_failures(self, phase: str, rollouts: list[Any]) -> None:
+        """Count failed program runs by kind and charge them to the error budget."""
+        kinds = [r.error_kind or "other" for r in rollouts if r.error]
+        for kind in kinds:
+            self.meter.fail("program_error")
+            self.meter.fail(f"program_{kind}")
+        self.errors.record(phase, total=len(rollouts), failures=kinds, log_dir=self.run_dir.root)
+
     def _finalize(self, program: dspy.Module) -> None:
         from trprompt_dspy.program import query_aware_predictors
 

@@ -30,7 +30,14 @@ from trprompt_dspy.checkpoint import RunDirectory
 from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
 from trprompt_dspy.prompt_model.base import PromptModel
 from trprompt_dspy.usage import UsageMeter
-from trprompt_dspy.validation import check_number, check_positive_int, validate_dataset, validate_program
+from trprompt_dspy.validation import (
+    check_number,
+    check_positive_int,
+    check_servers_reachable,
+    check_writable_dir,
+    validate_dataset,
+    validate_program,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ DEFAULT_INITIAL_REWARD = (
     "The response reasons step by step, uses every quantity in the query correctly, checks each "
     "calculation, and ends with the correct final answer in the requested format."
 )
+
+
+#: ``prompt_model="vllm:<preset or folder>"`` selects the vLLM backend (:class:`~trprompt_dspy.prompt_model.vllm.VLLMPromptModel`).
+VLLM_PREFIX = "vllm:"
 
 
 class TRPromptOptimizer(Teleprompter):
@@ -57,7 +68,8 @@ class TRPromptOptimizer(Teleprompter):
             returning ``dspy.Prediction(score=..., feedback=...)``; the feedback text is shown to the
             reward model.
         prompt_model: A :class:`~trprompt_dspy.prompt_model.base.PromptModel`, or a model preset / HF id /
-            local path for the default HF transformers + PEFT backend. Default: ``"smollm2-135m-instruct"``.
+            local path for the default HF transformers + PEFT backend (prefix it with ``"vllm:"``, e.g.
+            ``"vllm:smollm2-135m-instruct"``, to generate on a vLLM server instead). Default: ``"smollm2-135m-instruct"``.
             A compile starts from the bare base weights (any active adapter is unloaded) and leaves the
             best iteration's adapter active; the compiled program uses this object, so compile different
             programs with different prompt-model objects if you need both at once.
@@ -83,6 +95,15 @@ class TRPromptOptimizer(Teleprompter):
         max_instruction_tokens: Cap on the length of each generated instruction.
         num_threads: Parallel program runs (keeps batching backends busy).
         failure_score: Score given to a rollout whose program run raised.
+        max_retries: Retries of a call that failed transiently (timeout, HTTP 5xx, dropped connection, rate
+            limit), with exponential backoff and jitter; on top of the ``dspy.LM``'s own ``num_retries``.
+        retry_backoff: Seconds before the first retry (doubling each retry, capped at 8 s).
+        max_error_rate: Error budget: stop with :class:`~trprompt_dspy.faults.ErrorBudgetExceededError`
+            (keeping a resumable checkpoint) once more than this fraction of the program runs, reward
+            critiques and TextGrad steps failed after retries, or a whole phase failed. 1.0 disables the rate.
+        max_errors: Optional absolute cap on failed operations (``None``: no cap).
+        preflight: Before any work, check that every LM server (``api_base`` of the target, reward,
+            TextGrad and seed LMs, and a served prompt model's ``base_url``) accepts connections.
         seed: Seeds every random choice (query sampling, Π sampling, fine-tuning).
         log_dir: Checkpoint folder; re-running compile with the same folder resumes. Default: a new
             temporary folder.
@@ -130,6 +151,11 @@ class TRPromptOptimizer(Teleprompter):
         # Execution
         num_threads: int = 1,
         failure_score: float = 0.0,
+        max_retries: int = 2,
+        retry_backoff: float = 0.5,
+        max_error_rate: float = 0.5,
+        max_errors: int | None = None,
+        preflight: bool = True,
         seed: int = 0,
         # Logging
         log_dir: str | Path | None = None,
@@ -184,11 +210,21 @@ class TRPromptOptimizer(Teleprompter):
         self.num_threads = num_threads
         check_number("failure_score", failure_score)
         self.failure_score = float(failure_score)
+        check_positive_int("max_retries", max_retries, minimum=0)
+        self.max_retries = max_retries
+        check_number("retry_backoff", retry_backoff, low=0.0, high=60.0)
+        self.retry_backoff = float(retry_backoff)
+        from trprompt_dspy.faults import ErrorBudget
+
+        ErrorBudget(max_error_rate, max_errors=max_errors)  # validates both
+        self.max_error_rate, self.max_errors = float(max_error_rate), max_errors
+        self.preflight = bool(preflight)
         check_positive_int("seed", seed, minimum=0)
         self.seed = seed
         self.log_dir = None if log_dir is None else Path(log_dir).expanduser()
         if self.log_dir is not None and self.log_dir.exists() and not self.log_dir.is_dir():
-            raise ValueError(f"log_dir {str(self.log_dir)!r} exists and is not a folder.")
+            raise ValueError(f"log_dir {str(self.log_dir)!r} exists and is not a folder; pass a folder path "
+                             "(it is created if missing), e.g. log_dir='runs/trprompt'.")
         self.track_stats = bool(track_stats)
         self.display_progress = bool(display_progress)
 
@@ -232,8 +268,13 @@ class TRPromptOptimizer(Teleprompter):
             )
         reward_lm = self.reward_lm or target_lms[0]
         textgrad_lm = self.textgrad_lm or reward_lm
-        prompt_model = self._resolve_prompt_model()
         log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="trprompt_"))
+        check_writable_dir(log_dir, "log_dir")
+        if self.preflight:
+            check_servers_reachable([*(("target LM", lm) for lm in target_lms), ("reward_lm", reward_lm),
+                                     ("textgrad_lm", textgrad_lm), ("seed_lm", self.seed_lm),
+                                     ("prompt_model", self.prompt_model)])
+        prompt_model = self._resolve_prompt_model()
         run_dir = RunDirectory(log_dir, fingerprint=self._fingerprint(student, trainset, valset, prompt_model))
         meter = UsageMeter()
         for lm in target_lms:
@@ -270,9 +311,15 @@ class TRPromptOptimizer(Teleprompter):
     def _resolve_prompt_model(self) -> PromptModel:
         if isinstance(self.prompt_model, PromptModel):
             return self.prompt_model
+        ref = str(self.prompt_model or "smollm2-135m-instruct")
+        if ref.startswith(VLLM_PREFIX):  # "vllm:<model>": generation on a vLLM server started on first use
+            from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+
+            self.prompt_model = VLLMPromptModel(ref[len(VLLM_PREFIX):])
+            return self.prompt_model
         from trprompt_dspy.prompt_model.hf import HFPromptModel
 
-        self.prompt_model = HFPromptModel(str(self.prompt_model or "smollm2-135m-instruct"))
+        self.prompt_model = HFPromptModel(ref)
         return self.prompt_model
 
     def _fingerprint(self, student: dspy.Module, trainset: list[dspy.Example], valset: list[dspy.Example],
@@ -308,7 +355,19 @@ class TRPromptOptimizer(Teleprompter):
 
 def _check_model_reference(ref: str) -> None:
     """Fail fast on a misspelt preset; HF ids (``org/name``) and existing paths are checked when loaded."""
-    if "/" in ref or Path(ref).expanduser().exists():
+    if ref.startswith(VLLM_PREFIX):
+        ref = ref[len(VLLM_PREFIX):]
+    path = Path(ref).expanduser()
+    if path.exists():
+        return
+    looks_like_path = (ref.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path.is_absolute()
+                       or "\\" in ref or ref.count("/") > 1 or ref.endswith("/"))
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"prompt_model path {ref!r} does not exist. Pass an existing model folder (with config.json), a "
+            "preset name (see trprompt_dspy.list_presets()) or a Hugging Face id such as 'org/name'."
+        )
+    if "/" in ref:  # an HF id: checked when loaded
         return
     from trprompt_dspy.models.presets import get_preset
 

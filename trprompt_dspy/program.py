@@ -226,6 +226,16 @@ class QueryAwarePredict(dspy.Predict):
     (``deepcopy``/``reset_copy``) share it rather than copying model weights.
 
     Build one with :meth:`from_predict` or :func:`install_query_aware`.
+
+    Example:
+        >>> from dspy.utils import DummyLM
+        >>> from trprompt_dspy.prompt_model.fake import FakePromptModel
+        >>> qa = QueryAwarePredict("question -> answer", optimal_reward="The answer is correct.", role="qa")
+        >>> qa.prompt_model = FakePromptModel(template="Answer with the city name only.")
+        >>> with dspy.context(lm=DummyLM([{"answer": "Paris"}])):
+        ...     pred = qa(question="What is the capital of France?")
+        >>> pred.answer, pred.query_instruction
+        ('Paris', 'Answer with the city name only.')
     """
 
     def __init__(self, signature: Any, callbacks: list | None = None, *, optimal_reward: str = "",

@@ -36,6 +36,7 @@ from typing import Any
 import dspy
 
 from trprompt_dspy._lazy import import_textgrad
+from trprompt_dspy.faults import CompileError, classify_error
 from trprompt_dspy.reward import leaks_answer
 from trprompt_dspy.rollouts import EvalResult, Rollout
 
@@ -96,6 +97,8 @@ class DSPyTextGradEngine:
         lm: The ``dspy.LM`` (or any ``dspy.BaseLM``) to call.
         temperature: Sampling temperature passed with each request (``None``: the LM's default).
         max_tokens: Output cap per call (``None``: the LM's default).
+        retry: Retry transient LM failures (timeouts, 5xx, dropped connections) with this
+            :class:`~trprompt_dspy.faults.RetryPolicy` (``None``: no retries beyond the LM's own).
 
     Attributes:
         calls: Number of engine calls so far.
@@ -118,7 +121,8 @@ class DSPyTextGradEngine:
             _TG_ENGINE_CLASSES[cls] = impl
         return object.__new__(impl)
 
-    def __init__(self, lm: dspy.BaseLM, *, temperature: float | None = None, max_tokens: int | None = None):
+    def __init__(self, lm: dspy.BaseLM, *, temperature: float | None = None, max_tokens: int | None = None,
+                 retry: Any = None):
         if not isinstance(lm, dspy.BaseLM):
             raise TypeError(f"DSPyTextGradEngine needs a dspy.LM; got {type(lm).__name__}: {lm!r}.")
         self.lm = lm
@@ -126,6 +130,7 @@ class DSPyTextGradEngine:
         self.system_prompt = "You are a helpful, creative, and smart assistant."
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.retry = retry
         self.calls = 0
         self.input_tokens = 0
         self.output_tokens = 0
@@ -142,7 +147,8 @@ class DSPyTextGradEngine:
             content = "\n".join(c for c in content if isinstance(c, str))
         system = system_prompt or self.system_prompt
         config = Config(temperature=self.temperature, max_tokens=self.max_tokens)
-        response = self.lm(Request(model=self.lm.model, system=system, messages=(Message.user(content),), config=config))
+        request = Request(model=self.lm.model, system=system, messages=(Message.user(content),), config=config)
+        response = self.retry.call(self.lm, request) if self.retry is not None else self.lm(request)
         text = response.text or ""
         usage = getattr(response, "usage", None)
         with self._lock:
@@ -195,8 +201,9 @@ class RefineResult:
         accepted: Whether any step was accepted.
         history: One dict per step: ``step, candidate, score_before, score_after, accepted, error,
             error_kind, gradient``. ``error_kind`` is one of ``missing_tags, engine, empty_gradient,
-            empty_candidate, unchanged, leak, evaluation`` (``None`` when the step ran; a rejected step
-            with a lower score has ``accepted=False`` and no error).
+            empty_candidate, unchanged, leak, copies_query, evaluation`` (``None`` when the step ran; a
+            rejected step with a lower score has ``accepted=False`` and no error). Engine failures also
+            carry ``cause``, their :func:`~trprompt_dspy.faults.classify_error` kind (``timeout``...).
         initial_score / final_score: Minibatch scores of the input t* and of ``value``.
     """
 
@@ -383,7 +390,8 @@ def refine_optimal_reward(
             continue
         except Exception as exc:
             entry["error_kind"], entry["error"] = "engine", f"{type(exc).__name__}: {exc}"
-            logger.warning("TextGrad step %d failed: %s", step, entry["error"])
+            entry["cause"] = classify_error(exc)
+            logger.warning("TextGrad step %d failed (%s): %s", step, entry["cause"], entry["error"])
             continue
         candidate = variable.value.strip()
         entry["candidate"] = candidate
@@ -406,6 +414,8 @@ def refine_optimal_reward(
             continue
         try:
             after = evaluate(candidate)
+        except CompileError:  # e.g. the error budget is exhausted: stop the compile, not just this step
+            raise
         except Exception as exc:
             entry["error_kind"] = "evaluation"
             entry["error"] = f"evaluating the candidate failed: {type(exc).__name__}: {exc}"

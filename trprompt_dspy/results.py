@@ -32,6 +32,13 @@ class IterationStats:
         redacted_rewards: Textual rewards in which the gold answer was redacted.
         filtered_instructions: Instructions dropped because they stated the answer.
         seconds: Wall time per phase.
+
+    Example:
+        >>> s = IterationStats(iteration=0, rollout_score=0.25, val_score=0.5, t_star="Correct.",
+        ...                    t_star_accepted=True, num_rollouts=24, num_sft_examples=22, sft_steps=12,
+        ...                    sft_loss=(1.32, 1.25), seconds={"rollouts": 518.0, "sft": 102.0})
+        >>> IterationStats.from_dict(s.to_dict()) == s
+        True
     """
 
     iteration: int
@@ -71,9 +78,24 @@ class TRPromptResult:
         t_star_history: Every accepted value of the optimal textual reward, oldest first.
         lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
         lm_tokens: Token usage per model name (input and output tokens).
-        failures: Counted failures by kind (e.g. ``program_error``, ``reward_error``, ``textgrad_no_tag``).
+        failures: Counted failures by kind. ``program_<kind>`` / ``reward_<kind>`` / ``textgrad_<kind>``: operations
+            that failed for good (after retries), with ``<kind>`` from :func:`trprompt_dspy.faults.classify_error`
+            (``timeout``, ``server_error``, ``connection``, ``rate_limit``, ``parse_error``, ``empty_completion``,
+            ``metric_error``, ``prompt_model_error``...; TextGrad adds ``missing_tags``, ``empty_gradient``,
+            ``leak``...); ``program_error`` / ``reward_error`` are their totals. ``retried_<kind>``: transient
+            failures that were retried. ``prompt_model_empty_instruction`` / ``prompt_model_overlong_instruction``:
+            instructions replaced by the base instructions / cut. ``<role>_lm_error``: failed LM calls per role.
         seed, log_dir, budget: How to reproduce the run.
         seconds: Total wall time of the compile.
+
+    Example:
+        After a compile, ``compiled.detailed_results`` holds one of these:
+
+        >>> r = TRPromptResult(iterations=(), best_iteration=None, baseline_score=0.5, best_score=0.5,
+        ...                    t_star_history=("init",), lm_calls={"target": 3, "reward": 2}, lm_tokens={},
+        ...                    failures={}, seed=0, log_dir="runs/x", budget={"num_iterations": 2}, seconds=1.0)
+        >>> r.to_dict()["lm_calls"]
+        {'target': 3, 'reward': 2}
     """
 
     iterations: tuple[IterationStats, ...]

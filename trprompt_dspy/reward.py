@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 if TYPE_CHECKING:
+    from trprompt_dspy.faults import RetryPolicy
     from trprompt_dspy.rollouts import Rollout
 
 logger = logging.getLogger(__name__)
@@ -384,33 +385,40 @@ class TextualRewardModel:
             out = self.predict(**self.reward_inputs(rollout))
         text = str(getattr(out, "textual_reward", "") or "").strip()
         if not text:
-            raise ValueError("the reward model returned an empty textual_reward")
+            from trprompt_dspy.faults import EmptyCompletionError
+
+            raise EmptyCompletionError("the reward model returned an empty textual_reward")
         return redact_answer_leaks(text, rollout.gold, context=_lines(rollout.inputs))
 
-    def score_rollouts(self, rollouts: Sequence[Rollout], num_threads: int = 1) -> list[Rollout]:
+    def score_rollouts(self, rollouts: Sequence[Rollout], num_threads: int = 1, *,
+                       retry: RetryPolicy | None = None) -> list[Rollout]:
         """Fill ``reward``, ``reward_redactions`` and ``reward_error`` of each rollout, in place.
 
         A failure on one rollout (LM error, parse failure, empty critique) is recorded in its
-        ``reward_error`` and leaves ``reward`` as ``None``; it never aborts the batch.
+        ``reward_error`` (and its kind in ``reward_error_kind``) and leaves ``reward`` as ``None``; it
+        never aborts the batch.
 
         Args:
             rollouts: The rollouts to score.
             num_threads: Parallel LM calls.
+            retry: Retry transient LM failures (timeouts, 5xx, dropped connections) with this policy.
 
         Returns:
             The same rollout objects, in the same order.
         """
+        from trprompt_dspy.faults import classify_error
         from trprompt_dspy.rollouts import parallel_map
 
         self._resolve_lm()  # fail early and clearly when no LM is configured
 
         def one(r: Rollout) -> Rollout:
             try:
-                r.reward, r.reward_redactions = self.write(r)
-                r.reward_error = None
+                r.reward, r.reward_redactions = retry.call(self.write, r) if retry else self.write(r)
+                r.reward_error = r.reward_error_kind = None
             except Exception as exc:
                 r.reward, r.reward_redactions = None, 0
                 r.reward_error = f"{type(exc).__name__}: {exc}"
+                r.reward_error_kind = classify_error(exc)
                 logger.warning("textual reward failed for example %s sample %s: %s",
                                r.example_index, r.sample_index, r.reward_error)
             return r

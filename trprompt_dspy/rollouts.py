@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import dspy
 
+from trprompt_dspy.faults import RetryPolicy, classify_error
 from trprompt_dspy.metric_adapter import MetricAdapter, MetricValueError
 from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample
 from trprompt_dspy.reward import instruction_leaks_answer, redact_answer_leaks
@@ -192,9 +193,12 @@ class Rollout:
         score: The metric score (the failure score on error).
         feedback: The metric's feedback text, if any.
         error: Why the program or the metric failed, else ``None``.
+        error_kind: :func:`trprompt_dspy.faults.classify_error` of that failure (``"timeout"``,
+            ``"parse_error"``, ``"metric_error"``...), else ``None``.
         reward: The textual reward written by the reward model (filled by ``score_rollouts``).
         reward_redactions: Gold-answer mentions removed from ``reward``.
         reward_error: Why writing the textual reward failed, else ``None``.
+        reward_error_kind: The kind of that failure, else ``None``.
         seed: The sampling seed used for this rollout's instructions.
         conditioned_on: The textual reward the prompt model was conditioned on.
         seconds: Wall time of the program call and scoring.
@@ -210,9 +214,11 @@ class Rollout:
     score: float = 0.0
     feedback: str | None = None
     error: str | None = None
+    error_kind: str | None = None
     reward: str | None = None
     reward_redactions: int = 0
     reward_error: str | None = None
+    reward_error_kind: str | None = None
     seed: int | None = None
     conditioned_on: str | None = None
     seconds: float = 0.0
@@ -363,6 +369,7 @@ def run_rollouts(
     indices: Sequence[int] | None = None,
     failure_score: float | None = None,
     display_progress: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> list[Rollout]:
     """Run ``samples_per_query`` rollouts per example, in parallel, and score them.
 
@@ -383,6 +390,8 @@ def run_rollouts(
         indices: The ``example_index`` of each example (default: its position in ``examples``).
         failure_score: Score of a rollout whose program or metric failed (default: the adapter's, 0.0).
         display_progress: Show a tqdm progress bar.
+        retry: Re-run a rollout whose program call failed transiently (timeout, 5xx, dropped
+            connection), with this policy's backoff; the rerun uses the same seed. ``None``: no retries.
 
     Returns:
         The new rollouts, sorted by ``(example_index, sample_index)``.
@@ -415,28 +424,35 @@ def run_rollouts(
     def one(task: tuple[int, int, dspy.Example]) -> Rollout:
         ex_idx, m, example = task
         rollout_seed = derive_seed(seed, ex_idx, m)
-        recorder: list[Any] = []
-        pred, error, trace = None, None, []
         start = time.perf_counter()
-        with instruction_context(prompt_model=prompt_model, reward=reward_text, temperature=temperature,
-                                 seed=rollout_seed, recorder=recorder), dspy.context(trace=[]):
-            try:
-                pred = program(**example.inputs())
-            except Exception as exc:
-                error = f"program raised {type(exc).__name__}: {exc}"
-                logger.debug("rollout (%d, %d) failed: %s", ex_idx, m, error)
-            trace = list(dspy.settings.trace or [])
+        attempt = 0
+        while True:
+            recorder: list[Any] = []
+            pred, error, error_kind, trace = None, None, None, []
+            with instruction_context(prompt_model=prompt_model, reward=reward_text, temperature=temperature,
+                                     seed=rollout_seed, recorder=recorder), dspy.context(trace=[]):
+                try:
+                    pred = program(**example.inputs())
+                except Exception as exc:
+                    attempt += 1
+                    if retry is not None and retry.should_retry(exc, attempt):
+                        continue
+                    error = f"program raised {type(exc).__name__}: {exc}"
+                    error_kind = classify_error(exc)
+                    logger.debug("rollout (%d, %d) failed (%s): %s", ex_idx, m, error_kind, error)
+                trace = list(dspy.settings.trace or [])
+            break
         score, feedback = adapter.failure_score, None
         if error is None:
             try:
                 res = adapter(example, pred)
             except MetricValueError as exc:
-                error = str(exc)
+                error, error_kind = str(exc), "metric_error"
                 metric_failures.append(error)
             else:
                 score, feedback = res.score, res.feedback
                 if res.error:
-                    error = res.error
+                    error, error_kind = res.error, "metric_error"
                     metric_failures.append(res.error)
         return Rollout(
             example_index=ex_idx,
@@ -452,6 +468,7 @@ def run_rollouts(
             score=score,
             feedback=feedback,
             error=error,
+            error_kind=error_kind,
             seed=rollout_seed,
             conditioned_on=reward_text,
             seconds=round(time.perf_counter() - start, 4),
@@ -497,6 +514,7 @@ def evaluate_program(
     indices: Sequence[int] | None = None,
     failure_score: float | None = None,
     display_progress: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> EvalResult:
     """Greedy evaluation (temperature 0, one rollout per example).
 
@@ -514,7 +532,7 @@ def evaluate_program(
     rollouts = run_rollouts(program, examples, prompt_model=prompt_model, reward_text=reward_text,
                             samples_per_query=1, temperature=0.0, seed=0, metric=metric,
                             num_threads=num_threads, indices=indices, failure_score=failure_score,
-                            display_progress=display_progress)
+                            display_progress=display_progress, retry=retry)
     order = {ex_idx: pos for pos, (ex_idx, _) in enumerate(_checked_examples(examples, indices))}
     rollouts.sort(key=lambda r: order[r.example_index])
     scores = [r.score for r in rollouts]

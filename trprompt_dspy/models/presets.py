@@ -177,6 +177,12 @@ def list_presets() -> list[ModelPreset]:
 
     Returns:
         The presets in a stable order.
+
+    Example:
+        >>> [p.name for p in list_presets()]
+        ['smollm2-135m-instruct', 'qwen2.5-coder-0.5b-instruct', 'qwen2.5-coder-1.5b-instruct']
+        >>> list_presets()[0].fetch_command
+        'trprompt models fetch smollm2-135m-instruct'
     """
     return list(PRESETS.values())
 

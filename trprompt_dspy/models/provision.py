@@ -489,6 +489,15 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, allow_download: bool 
         UnknownModelError: A bare name that is no preset (the message lists the presets).
         FileNotFoundError: A path that does not exist.
         ModelSourceMissingError: A preset or hub id whose weights are not available locally.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.json").write_text("{}")
+        >>> resolve_model(folder) == folder                      # an existing folder is used as is
+        True
+        >>> resolve_model("smollm2-135m-instruct")              # doctest: +SKIP
+        PosixPath('/home/me/.cache/trprompt_dspy/models/smollm2-135m-instruct')
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"model must be a preset name, a path or a hub id (str), got {type(name_or_path).__name__}")

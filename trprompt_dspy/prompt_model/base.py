@@ -53,6 +53,12 @@ class InstructionRequest:
         query: The predictor's input fields rendered as ``"name: value"`` lines.
         reward: The textual reward to condition on: a rollout's critique during training, the optimal
             textual reward t* at inference.
+
+    Example:
+        >>> req = InstructionRequest(predictor="qa", task="question -> answer", query="question: 2 + 3?",
+        ...                          reward="The answer is correct.")
+        >>> InstructionRequest.from_dict(req.to_dict()) == req
+        True
     """
 
     predictor: str
@@ -114,6 +120,17 @@ class PromptModel(Protocol):
         * ``train`` fine-tunes a fresh adapter on top of the base weights (the base is never changed),
           writes it under ``output_dir`` (safetensors) and makes it the active adapter.
         * ``load_adapter(None)`` switches back to the bare base model.
+
+    Example:
+        Any object with these members is a prompt model; the fake one is the smallest real example:
+
+        >>> from trprompt_dspy.prompt_model.fake import FakePromptModel
+        >>> pm = FakePromptModel(template="Add the numbers.")
+        >>> isinstance(pm, PromptModel)
+        True
+        >>> req = InstructionRequest("qa", "question -> answer", "question: 2 + 3?", "Correct.")
+        >>> pm.generate([req], n=2)
+        [['Add the numbers.', 'Add the numbers.']]
     """
 
     @property

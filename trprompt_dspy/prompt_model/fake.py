@@ -86,6 +86,16 @@ class FakePromptModel:
     variant tag ``" (variant NNNNNN)"`` drawn from an RNG seeded by ``(seed, request, sample index)``
     when ``seed`` is given (reproducible), or from fresh entropy otherwise. ``max_new_tokens`` caps the
     number of whitespace-separated words.
+
+    Example:
+        >>> pm = FakePromptModel(template="Think about {predictor} first.")
+        >>> req = InstructionRequest("qa", "question -> answer", "question: 2 + 3?", "Correct.")
+        >>> pm.generate([req])
+        [['Think about qa first.']]
+        >>> pm.generate([req], temperature=0.8, n=2, seed=0)[0][0].startswith("Think about qa first. (variant ")
+        True
+        >>> pm.generate_calls
+        2
     """
 
     trainable = True

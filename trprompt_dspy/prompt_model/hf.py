@@ -119,6 +119,15 @@ class HFPromptModel:
     Raises:
         ValueError: Bad ``dtype``/``max_batch_size``, or ``adapter_path`` is not an adapter folder.
         FileNotFoundError: ``adapter_path`` does not exist.
+
+    Example:
+        Building one is cheap: the weights load on the first ``generate`` or ``train``.
+
+        >>> pm = HFPromptModel("smollm2-135m-instruct", max_batch_size=16)
+        >>> pm.describe()["base_model"], pm.adapter_path
+        ('smollm2-135m-instruct', None)
+        >>> pm.generate([request], max_new_tokens=48)   # loads SmolLM2 (train extra)  # doctest: +SKIP
+        [['Add the two numbers, then state the sum.']]
     """
 
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *,

@@ -56,6 +56,13 @@ class LMInstructionWriter:
 
     A request whose call fails yields ``""`` (logged); if every call of a batch fails, the first error
     is raised, because that is a systemic failure (no credentials, server down).
+
+    Example:
+        >>> from trprompt_dspy.testing import scripted_lm
+        >>> writer = LMInstructionWriter(scripted_lm(lambda system, user: "Add the two numbers."))
+        >>> req = InstructionRequest("qa", "question -> answer", "question: 2 + 3?", "Correct.")
+        >>> writer.generate([req], n=2)
+        [['Add the two numbers.', 'Add the two numbers.']]
     """
 
     trainable = False

@@ -1,0 +1,106 @@
+"""The demo pipeline and its report, with a scripted target and the fake prompt model (no real models)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+from tests.fakes import arithmetic_responder, scripted_lm
+from trprompt_dspy import demo as demo_mod
+from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.report import mcnemar_p, paired_outcomes, render_report, write_plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def fake_stack(monkeypatch):
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def stack(**kwargs):
+        events.append(f"start backend={kwargs['backend']} pm={kwargs['need_prompt_model']}")
+        pm = FakePromptModel(template="Work through {predictor} step by step and give the number.")
+        try:
+            yield demo_mod._Stack(lm=scripted_lm(arithmetic_responder), prompt_model=pm, num_threads=2,
+                                  servers={"target": {"model": "scripted", "base_url": "http://x", "startup_seconds": 0}})
+        finally:
+            events.append("stop")
+
+    monkeypatch.setattr(demo_mod, "_model_stack", stack)
+    return events
+
+
+def test_demo_runs_the_whole_pipeline_and_writes_a_report(tmp_path, fake_stack):
+    res = demo_mod.run_demo(backend="vllm", train_size=8, eval_size=4, runs_dir=tmp_path, auto="light")
+    assert fake_stack == ["start backend=vllm pm=True", "stop"]  # servers stopped after the run
+    out = tmp_path / next(p.name for p in tmp_path.iterdir())
+    report = (out / "report.md").read_text()
+    assert "| zero-shot CoT (baseline) |" in report and "| TRPrompt-compiled |" in report
+    assert "Paired:" in report and "McNemar" in report
+    for png in ("validation.png", "scores.png", "instruction_length.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["baseline_rows"]) == 4 and len(saved["compiled_rows"]) == 4
+    assert {"start_models", "baseline_eval", "compile", "compiled_eval", "stop_models", "total"} <= set(res["timings_s"])
+    assert any(k.startswith("compile.iter0.") for k in res["timings_s"])
+    # the compiled program wrote per-query instructions, and the report shows them
+    assert all(r["instruction"] for r in saved["compiled_rows"])
+    assert "instruction: 'Work through" in report
+    assert (out / "compiled" / "trprompt.json").exists()
+
+
+def test_demo_baseline_only_skips_the_prompt_model(tmp_path, fake_stack):
+    res = demo_mod.run_demo(backend="hf", baseline_only=True, eval_size=3, runs_dir=tmp_path)
+    assert fake_stack == ["start backend=hf pm=False", "stop"]
+    assert "compiled_accuracy" not in res and len(res["baseline_rows"]) == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(backend="tgi"), "backend must be one of"),
+    (dict(backend="vllm", api_base="http://127.0.0.1:9/v1"), "only used with backend='api'"),
+])
+def test_demo_rejects_bad_options_before_starting_anything(tmp_path, fake_stack, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        demo_mod.run_demo(runs_dir=tmp_path, **kwargs)
+    assert fake_stack == []
+
+
+def test_api_backend_needs_a_url(tmp_path):
+    stack = demo_mod._model_stack(backend="api", target="t", prompt_model="p", api_base=None, api_key="k",
+                                  max_tokens=8, num_threads=None, need_prompt_model=False, log_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs api_base"):
+        stack.__enter__()
+
+
+def test_paired_outcomes_and_mcnemar():
+    before = [{"correct": c} for c in (True, True, False, False, False)]
+    after = [{"correct": c} for c in (True, False, True, True, False)]
+    assert paired_outcomes(before, after) == {"both_right": 1, "fixed": 2, "broken": 1, "both_wrong": 1}
+    with pytest.raises(ValueError, match="same examples"):
+        paired_outcomes(before, after[:2])
+    assert mcnemar_p(2, 1) == 1.0
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+
+
+def test_report_without_compile_or_matplotlib(tmp_path, monkeypatch):
+    res = {"program": "p:M", "target": "t", "eval_size": 2, "baseline_accuracy": 50.0,
+           "baseline_rows": [{"question": "q", "gold": "1", "answer": "1", "correct": True},
+                             {"question": "q2", "gold": "2", "answer": None, "correct": False}]}
+    text = render_report(res)
+    assert "| zero-shot CoT (baseline) | 50.0% | 1/2 |" in text and "TRPrompt-compiled" not in text
+    assert [p.name for p in write_plots(res, tmp_path)] == ["scores.png"]
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert write_plots(res, tmp_path / "none") == []
