@@ -62,8 +62,12 @@ docs: install
 	$(PY) -m pip install -q $(PIP_C) -e '.[docs]'
 	$(VENV)/bin/mkdocs build --strict
 
+# The cost profile (pytest-benchmark; vLLM parts skip when no server can start), then the optimizer comparison
+# (resumable: cells already in benchmarks/results/<out>.cells.jsonl are not re-run). Hours on CPU: see benchmarks/README.md.
+BENCH_ARGS ?= --dataset gsm8k --dataset gsmhard --dataset math500 --seeds 0 1 --train-size 200 --dev-size 50 --test-size 100
 bench: install models
-	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest benchmarks -m "" --benchmark-only
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m pytest benchmarks/test_cost_profile.py -m "" $(PYTEST_ARGS)
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) -m benchmarks.compare_optimizers $(BENCH_ARGS) --resume
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

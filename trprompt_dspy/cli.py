@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="vllm", choices=["vllm", "hf", "api"],
                       help="where the models run: local vLLM servers started for the run, in-process "
                            "transformers, or the OpenAI-compatible --api-base (default: %(default)s)")
+    demo.add_argument("--cache", action="store_true",
+                      help="reuse DSPy's response cache for the target (faster re-runs; the report's times are then "
+                           "not real)")
     demo.add_argument("--prompt-model", default="smollm2-135m-instruct",
                       help="prompt model preset / HF id / folder (default: %(default)s)")
     demo.add_argument("--train-size", type=int, default=48)
@@ -183,7 +186,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                        api_key=args.api_key, max_tokens=args.max_tokens, num_threads=args.num_threads,
                        train_size=args.train_size, eval_size=args.eval_size, auto=args.auto,
                        baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed,
-                       program=args.program, seed_with_target=args.seed_with_target)
+                       program=args.program, seed_with_target=args.seed_with_target, cache=args.cache)
     report = Path(results["report_path"])
     print(report.read_text())
     print(f"Report, plots and results.json: {report.parent}")

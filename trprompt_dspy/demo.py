@@ -55,20 +55,21 @@ class _Stack:
 @contextlib.contextmanager
 def _model_stack(*, backend: str, target: str, prompt_model: str, api_base: str | None, api_key: str,
                  max_tokens: int, num_threads: int | None, need_prompt_model: bool,
-                 log_dir: Path) -> Iterator[_Stack]:
+                 log_dir: Path, cache: bool = False) -> Iterator[_Stack]:
     from trprompt_dspy.models import local_lm, resolve_model
 
     if backend == "api":
         if not api_base:
             raise ValueError("backend='api' needs api_base (an OpenAI-compatible URL such as "
                              "http://127.0.0.1:8000/v1); or use backend='vllm' to start a server here.")
-        lm = dspy.LM(f"openai/{target}", api_base=api_base, api_key=api_key, temperature=0.0, max_tokens=max_tokens)
+        lm = dspy.LM(f"openai/{target}", api_base=api_base, api_key=api_key, temperature=0.0, max_tokens=max_tokens,
+                     cache=cache)
         pm = _hf_prompt_model(prompt_model) if need_prompt_model else None
         yield _Stack(lm=lm, prompt_model=pm, num_threads=num_threads or 16)
         return
     if backend == "hf":
         resolve_model(target)
-        lm = local_lm(target, max_tokens=max_tokens, temperature=0.0)
+        lm = local_lm(target, max_tokens=max_tokens, temperature=0.0, cache=cache)
         pm = _hf_prompt_model(prompt_model) if need_prompt_model else None
         yield _Stack(lm=lm, prompt_model=pm, num_threads=num_threads or 8)
         return
@@ -79,7 +80,7 @@ def _model_stack(*, backend: str, target: str, prompt_model: str, api_base: str 
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(VLLMServer(target, log_dir=log_dir))
         servers = {"target": _server_info(server)}
-        lm = server.dspy_lm(temperature=0.0, max_tokens=max_tokens)
+        lm = server.dspy_lm(temperature=0.0, max_tokens=max_tokens, cache=cache)
         pm = None
         if need_prompt_model:
             pm_server = stack.enter_context(VLLMServer(prompt_model, enable_lora=True, log_dir=log_dir))
@@ -116,7 +117,8 @@ def run_demo(*, target: str = "qwen2.5-coder-0.5b-instruct", prompt_model: str =
              backend: Backend = "vllm", api_base: str | None = None, api_key: str = "EMPTY",
              max_tokens: int = 512, num_threads: int | None = None, train_size: int = 48, eval_size: int = 40,
              auto: str = "light", baseline_only: bool = False, runs_dir: str | Path = "runs", seed: int = 0,
-             program: str = "programs.math:MathCoT", seed_with_target: bool = True) -> dict[str, Any]:
+             program: str = "programs.math:MathCoT", seed_with_target: bool = True,
+             cache: bool = False) -> dict[str, Any]:
     """Run the demo and return its results (also written to ``runs/<timestamp>/``).
 
     Args:
@@ -128,6 +130,8 @@ def run_demo(*, target: str = "qwen2.5-coder-0.5b-instruct", prompt_model: str =
         num_threads: Concurrent requests; ``None`` picks 32 for vLLM, 16 for an API, 8 in-process.
         seed_with_target: Let the target LM write iteration 0's instructions (``seed_lm=``): the untrained
             135M prompt model tends to solve the question instead of writing an instruction.
+        cache: Reuse DSPy's on-disk response cache for the target LM. Off by default so that the wall
+            times in the report are real (a re-run would otherwise replay the baseline from the cache).
 
     Raises:
         ValueError: An unknown backend, or ``backend="api"`` without ``api_base``.
@@ -150,14 +154,14 @@ def run_demo(*, target: str = "qwen2.5-coder-0.5b-instruct", prompt_model: str =
     train = load_dataset("gsm8k", "train", source="bundled", limit=train_size)
     heldout = load_fixed_split("gsm8k", "dev", source="bundled", limit=eval_size)
     results: dict[str, Any] = {"program": program, "target": target, "prompt_model": prompt_model,
-                               "backend": backend, "train_size": len(train), "eval_size": len(heldout), "auto": auto,
+                               "backend": backend, "cache": cache, "train_size": len(train), "eval_size": len(heldout), "auto": auto,
                                "seed": seed, "python": platform.python_version(), "machine": platform.machine(),
                                "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     t0 = time.perf_counter()
     with _model_stack(backend=backend, target=target, prompt_model=prompt_model, api_base=api_base,
                       api_key=api_key, max_tokens=max_tokens, num_threads=num_threads,
-                      need_prompt_model=not baseline_only, log_dir=out / "servers") as stack:
+                      need_prompt_model=not baseline_only, log_dir=out / "servers", cache=cache) as stack:
         timings["start_models"] = time.perf_counter() - t0
         results["servers"] = stack.servers
         results["num_threads"] = stack.num_threads

@@ -1,0 +1,210 @@
+"""Aggregate the comparison's per-cell records into summary rows, significance tests, a table and a plot.
+
+A *cell* is one (dataset, optimizer, seed) run: a dict with ``dataset``, ``optimizer``, ``seed``,
+``status`` (``"ok"``/``"failed"``/``"skipped"``), ``accuracy``, ``budget_calls`` (compile calls counted
+against the budget), ``compile``/``eval`` counters and ``per_example`` outcomes (``{"idx", "correct"}``).
+
+Example:
+    >>> cells = [dict(dataset="gsm8k", optimizer=o, seed=s, status="ok", accuracy=a, budget_calls=c,
+    ...               compile={"wall_s": 1.0, "calls": {"total": {"input_tokens": 5, "output_tokens": 2}}},
+    ...               eval={"wall_s": 2.0}, plan={"predicted_calls": c},
+    ...               per_example=[{"idx": i, "correct": x} for i, x in enumerate(ex)])
+    ...          for o, c, runs in (("zeroshot", 0, [[1, 0, 0, 0], [1, 0, 0, 0]]),
+    ...                             ("trprompt", 40, [[1, 1, 0, 1], [1, 1, 1, 0]]))
+    ...          for s, ex in enumerate(runs) for a in [sum(ex) / len(ex)]]
+    >>> rows = summarize(cells)
+    >>> [(r["optimizer"], r["accuracy_mean"], r["seeds"]) for r in rows]
+    [('zeroshot', 0.25, 2), ('trprompt', 0.75, 2)]
+    >>> sig = significance(cells, seed=0)["gsm8k"]
+    >>> sig["other"], sig["mcnemar"]["b"], sig["mcnemar"]["c"]
+    ('zeroshot', 4, 0)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._contenders import CONTENDERS, LABELS
+from benchmarks._stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["summarize", "significance", "markdown_report", "plot_accuracy_vs_calls"]
+
+
+def _order(name: str) -> int:
+    return CONTENDERS.index(name) if name in CONTENDERS else len(CONTENDERS)
+
+
+def _ok(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in cells if c.get("status") == "ok"]
+
+
+def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, optimizer): accuracy mean/std over seeds, mean calls, tokens and wall times."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        groups[(c["dataset"], c["optimizer"])].append(c)
+    rows = []
+    for (dataset, opt), group in sorted(groups.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+        ok = sorted(_ok(group), key=lambda c: c["seed"])
+        row: dict[str, Any] = {"dataset": dataset, "optimizer": opt, "label": LABELS.get(opt, opt), "seeds": len(ok),
+                               "failed": [{"seed": c["seed"], "status": c.get("status"), "error": c.get("error")}
+                                          for c in group if c.get("status") != "ok"]}
+        if ok:
+            acc_mean, acc_std = mean_std([c["accuracy"] for c in ok])
+            calls_mean, calls_std = mean_std([c.get("budget_calls") or 0 for c in ok], digits=1)
+            tok = [c["compile"]["calls"]["total"] for c in ok]
+            predicted = [c.get("plan", {}).get("predicted_calls") for c in ok]
+            row.update(
+                accuracy_mean=acc_mean, accuracy_std=acc_std, accuracy_per_seed=[c["accuracy"] for c in ok],
+                calls_mean=calls_mean, calls_std=calls_std,
+                program_calls_mean=mean_std([c["compile"]["calls"].get("target", {}).get("calls", 0) for c in ok],
+                                            digits=1)[0],
+                aux_calls_mean=mean_std([c["compile"]["calls"].get("aux", {}).get("calls", 0) for c in ok], digits=1)[0],
+                predicted_calls=predicted[0] if len(set(map(str, predicted))) == 1 else predicted,
+                input_tokens_mean=mean_std([t["input_tokens"] for t in tok], digits=0)[0],
+                output_tokens_mean=mean_std([t["output_tokens"] for t in tok], digits=0)[0],
+                compile_wall_s_mean=mean_std([c["compile"]["wall_s"] for c in ok], digits=1)[0],
+                eval_wall_s_mean=mean_std([c["eval"]["wall_s"] for c in ok], digits=1)[0],
+                test_size=len(ok[0].get("per_example", [])),
+            )
+        rows.append(row)
+    return rows
+
+
+def _outcome_rows(cells: list[dict[str, Any]], seeds: list[int]) -> list[list[int]]:
+    by_seed = {c["seed"]: c for c in cells}
+    rows = []
+    for s in seeds:
+        ex = sorted(by_seed[s]["per_example"], key=lambda e: e["idx"])
+        rows.append([int(bool(e["correct"])) for e in ex])
+    return rows
+
+
+def significance(cells: Sequence[dict[str, Any]], *, focus: str = "trprompt", iterations: int = 10_000,
+                 seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per dataset: ``focus`` against the best other optimizer (highest mean accuracy), paired by seed.
+
+    Returns ``{dataset: {"focus", "other", "seeds", "mcnemar": {...}, "bootstrap": {...}}}``; datasets
+    where ``focus`` or every other optimizer lacks finished cells are left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    ok = _ok(cells)
+    for dataset in sorted({c["dataset"] for c in ok}):
+        mine = [c for c in ok if c["dataset"] == dataset and c["optimizer"] == focus]
+        if not mine:
+            continue
+        others: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for c in ok:
+            if c["dataset"] == dataset and c["optimizer"] != focus:
+                others[c["optimizer"]].append(c)
+        best, best_acc = None, -1.0
+        for name, group in sorted(others.items(), key=lambda kv: _order(kv[0])):
+            acc = sum(c["accuracy"] for c in group) / len(group)
+            if acc > best_acc:
+                best, best_acc = name, acc
+        if best is None:
+            continue
+        seeds = sorted({c["seed"] for c in mine} & {c["seed"] for c in others[best]})
+        if not seeds:
+            continue
+        a = _outcome_rows(mine, seeds)
+        b = _outcome_rows(others[best], seeds)
+        only_a, only_b = discordant_counts(a, b)
+        out[dataset] = {"focus": focus, "other": best, "seeds": seeds, "mcnemar": mcnemar_exact(only_a, only_b),
+                        "bootstrap": paired_bootstrap(a, b, iterations=iterations, seed=seed)}
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: dict[str, dict[str, Any]],
+                    plot_name: str | None = None) -> str:
+    """The Markdown summary: run settings, one table per dataset, the significance tests and the plot."""
+    lines = [f"# Optimizer comparison: {meta.get('name', '')}", "",
+             f"Program `{meta.get('program')}`, target `{meta.get('target')}`"
+             + (f", reflection/proposer model `{meta['aux_model']}`" if meta.get("aux_model") else "")
+             + f"; train {meta.get('train_size')} / dev {meta.get('dev_size')} / test {meta.get('test_size')} "
+             f"examples; seeds {meta.get('seeds')}; budget: {meta.get('budget_mode')}.", "",
+             "Accuracy is on the fixed test indices of `splits.json` (first `test_size`). *Calls* are completions "
+             "sent to the target model during compile, counted by a wrapper LM"
+             + (" (program calls + optimizer-side calls on the same model)" if meta.get("budget_counts_aux", True)
+                else " (program calls only; the optimizer-side model is separate)")
+             + "; *predicted* is the planner's estimate for the chosen settings.", ""]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        lines += [f"## {dataset}", "",
+                  "| optimizer | test acc % (mean ± std) | seeds | calls (mean) | predicted | program / aux calls "
+                  "| tokens in / out | compile s | eval s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in (r for r in rows if r["dataset"] == dataset):
+            if not r["seeds"]:
+                why = "; ".join(f"seed {f['seed']}: {f['status']} ({str(f.get('error'))[:80]})" for f in r["failed"])
+                lines.append(f"| {r['label']} | not finished: {why} | 0 | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['label']} | {_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])} | {r['seeds']} "
+                f"| {r['calls_mean']:.0f} | {r['predicted_calls'] if r['predicted_calls'] is not None else '—'} "
+                f"| {r['program_calls_mean']:.0f} / {r['aux_calls_mean']:.0f} "
+                f"| {r['input_tokens_mean']:.0f} / {r['output_tokens_mean']:.0f} "
+                f"| {r['compile_wall_s_mean']:.0f} | {r['eval_wall_s_mean']:.0f} |")
+        s = sig.get(dataset)
+        if s:
+            bs, mc = s["bootstrap"], s["mcnemar"]
+            lines += ["", f"TRPrompt vs {LABELS.get(s['other'], s['other'])} (best other, seeds {s['seeds']}): "
+                          f"difference {100 * bs['diff']:+.1f} points, 95 % paired-bootstrap CI "
+                          f"[{100 * bs['ci95'][0]:+.1f}, {100 * bs['ci95'][1]:+.1f}], bootstrap p = {bs['p_value']:.3g} "
+                          f"({bs['iterations']} resamples, seed {bs['seed']}); exact McNemar p = {mc['p_value']:.3g} "
+                          f"(discordant pairs: TRPrompt only {mc['b']}, other only {mc['c']})."]
+        lines.append("")
+    if plot_name:
+        lines += [f"![accuracy vs target-LM calls]({plot_name})", ""]
+    lines += [f"Machine: {meta.get('machine', {}).get('summary', '?')}. Wall time of the cells (compile + eval, "
+              f"summed): {meta.get('cells_wall_s', 0):.0f} s; this invocation: {meta.get('wall_s', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_calls(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Save a PNG: test accuracy (mean ± std over seeds) against compile calls, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    done = [r for r in rows if r.get("seeds")]
+    datasets = sorted({r["dataset"] for r in done}) or ["(no results)"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(7.0, 5.5 * len(datasets)), 4.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for r in (r for r in done if r["dataset"] == dataset):
+            x, y = r["calls_mean"], 100 * r["accuracy_mean"]
+            marker = "*" if r["optimizer"] == "trprompt" else "o"
+            ax.errorbar([x], [y], yerr=[100 * r["accuracy_std"]], xerr=[r["calls_std"]], fmt=marker,
+                        markersize=12 if marker == "*" else 7, capsize=3, label=r["label"])
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        xmax = max([r["calls_mean"] + r["calls_std"] for r in done if r["dataset"] == dataset] or [1.0])
+        if xmax > 100:  # zero-call contenders sit at 0, the rest spread over orders of magnitude
+            ax.set_xscale("symlog", linthresh=10)
+            ax.set_xlim(-1, xmax * 2)
+        else:
+            ax.set_xlim(-0.05 * max(xmax, 1) - 0.5, xmax * 1.25 + 1)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: "" if v < 0 else f"{v:g}"))
+        ax.set_ylim(max(-2.0, ax.get_ylim()[0] - 5), min(105.0, ax.get_ylim()[1] + 5))
+        ax.set_xlabel("target-LM calls during compile (counted)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

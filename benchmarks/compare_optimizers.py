@@ -1,0 +1,491 @@
+"""TRPrompt against DSPy's optimizers on the same program, target LM, data and target-LM call budget.
+
+For every dataset, seed and contender (zero-shot CoT, LabeledFewShot, BootstrapFewShot, COPRO,
+MIPROv2, SIMBA, GEPA, TRPrompt) this compiles the program on the training pool (dev examples for
+selection where the optimizer takes a valset), evaluates it on the fixed test indices of
+``splits.json``, and records accuracy, per-example correctness, the calls and tokens the target model
+served during compile (counted by a wrapper LM, see ``benchmarks/_budget.py``) and wall times.
+
+Budget (``--budget-calls``):
+
+* ``trprompt`` (default): TRPrompt runs first with ``auto="light"``; its *measured* compile calls on
+  the target model become the budget of every other contender in that (dataset, seed).
+* a number ``N``: every contender (TRPrompt included) is sized to ``N`` calls.
+* ``native``: each optimizer runs its own light preset or DSPy's defaults; calls are only reported.
+
+How each optimizer is sized is in ``benchmarks/_contenders.py``; optimizers that cannot spend the
+budget (zero-shot, LabeledFewShot, BootstrapFewShot) report what they actually used.
+
+Outputs, under ``--results-dir`` (default ``benchmarks/results``): ``<name>.json`` (settings, machine,
+versions, every cell with per-example correctness, summary rows, significance tests), ``<name>.md``
+(tables) and ``<name>.png`` (accuracy vs calls). ``<name>.cells.jsonl`` holds finished cells as they
+complete; ``--resume`` skips them.
+
+Examples::
+
+    # tiny smoke run on the in-process HF target (CPU)
+    python -m benchmarks.compare_optimizers --dataset gsm8k --test-size 10 --train-size 20 --dev-size 10 \\
+        --seeds 0 --optimizers zeroshot labeled bootstrap --out compare-smoke
+    # against a vLLM server (any OpenAI-compatible endpoint)
+    python -m benchmarks.compare_optimizers --api-base http://127.0.0.1:8000/v1 \\
+        --model Qwen/Qwen2.5-Coder-0.5B-Instruct --dataset gsm8k --dataset gsmhard --dataset math500 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable (benchmarks, programs)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dspy  # noqa: E402
+
+from benchmarks._budget import CallMeter, counting_lm  # noqa: E402
+from benchmarks._contenders import (  # noqa: E402
+    CONTENDERS,
+    DETERMINISTIC,
+    CompileInput,
+    PlanInput,
+    compile_contender,
+    plan_contender,
+)
+from benchmarks._report import markdown_report, plot_accuracy_vs_calls, significance, summarize  # noqa: E402
+
+logger = logging.getLogger("benchmarks.compare_optimizers")
+
+__all__ = ["main", "build_parser", "run_comparison", "load_benchmark_data"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = {"gsm8k": "gsm8k", "gsmhard": "gsmhard", "math500": "math"}  # CLI name -> splits.json name
+_CALC_RE = re.compile(r"<<[^>]*>>")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_benchmark_data(dataset: str, *, train_size: int, dev_size: int, test_size: int,
+                        data_dir: str | None = None, source: str = "auto") -> dict[str, list[dspy.Example]]:
+    """Train (a ``Random(0)`` sample of the train pool), dev and test (first ``n`` fixed indices).
+
+    Training examples get a ``reasoning`` field from the gold solution (GSM8K calculator annotations
+    removed), so labeled demos are complete chain-of-thought demos.
+    """
+    from trprompt_dspy.datasets import load_fixed_split
+
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}.")
+    name = DATASETS[dataset]
+    pool = load_fixed_split(name, "train", source=source, data_dir=data_dir)
+    rng = random.Random(0)
+    train = rng.sample(pool, min(train_size, len(pool)))
+    train = [ex.copy(reasoning=_CALC_RE.sub("", ex.gold_reasoning)) if ex.get("gold_reasoning") else ex
+             for ex in train]
+    train = [ex.with_inputs("question") for ex in train]
+    dev = load_fixed_split(name, "dev", source=source, data_dir=data_dir, limit=dev_size)
+    test = load_fixed_split(name, "test", source=source, data_dir=data_dir, limit=test_size)
+    return {"train": train, "dev": dev, "test": test}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and environment
+# ---------------------------------------------------------------------------------------------------
+
+
+def _program_spec(spec: str) -> str:
+    if ":" not in spec:
+        raise SystemExit(f"--program must look like 'module:Class' (e.g. math:MathCoT); got {spec!r}.")
+    mod, cls = spec.split(":", 1)
+    return f"programs.{mod}:{cls}" if "." not in mod and mod in {"math"} else spec
+
+
+def build_lm(*, model: str | None, api_base: str | None, api_key: str, max_tokens: int,
+             temperature: float) -> dspy.BaseLM:
+    """An OpenAI-compatible client (``api_base``) or the in-process HF engine for a preset / path."""
+    if api_base:
+        if not model:
+            raise SystemExit("--api-base needs --model (the model name the server serves).")
+        name = model if "/" in model and model.split("/", 1)[0] in {"openai", "hosted_vllm"} else f"openai/{model}"
+        return dspy.LM(name, api_base=api_base, api_key=api_key, max_tokens=max_tokens, temperature=temperature,
+                       cache=False)
+    from trprompt_dspy.models import local_lm
+
+    return local_lm(model, max_tokens=max_tokens, temperature=temperature, cache=False)
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU, memory, accelerator, package versions and the git commit."""
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gb"] = None
+    gpu: Any = None
+    torch = sys.modules.get("torch")  # only when already loaded (the in-process engine); never imported here
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        except Exception as exc:  # noqa: BLE001 - informational only
+            gpu = f"unknown ({type(exc).__name__})"
+    if gpu is None and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip()
+            gpu = [line.strip() for line in out.splitlines() if line.strip()] or None
+        except (OSError, subprocess.SubprocessError):
+            gpu = None
+    info["gpu"] = gpu
+    info["versions"] = {d: _version(d) for d in ("trprompt-dspy", "dspy", "gepa", "textgrad", "torch", "transformers",
+                                                  "peft", "trl", "vllm", "optuna", "litellm", "matplotlib")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        info["git"] = {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = None
+    info["summary"] = (f"{info['processor']}, {info['cpu_count']} CPUs, {info['memory_gb']} GB RAM, "
+                       f"GPU: {gpu or 'none'}, Python {info['python']}")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# One cell
+# ---------------------------------------------------------------------------------------------------
+
+
+def evaluate_program(program: dspy.Module, test: list[dspy.Example], metric: Any, num_threads: int
+                     ) -> tuple[float, list[dict[str, Any]]]:
+    """Accuracy and per-example outcomes (``idx``, ``correct``, the predicted ``answer``) on ``test``."""
+    result = dspy.Evaluate(devset=test, metric=metric, num_threads=num_threads, display_progress=False,
+                           max_errors=len(test) + 1, failure_score=0.0, provide_traceback=False)(program)
+    rows = []
+    for ex, pred, score in result.results:
+        answer = getattr(pred, "answer", None) if pred is not None else None
+        rows.append({"idx": ex.get("idx"), "correct": int(bool(float(score))),
+                     "answer": None if answer is None else str(answer)[:200]})
+    accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
+    return accuracy, rows
+
+
+def _optimizer_stats(compiled: Any) -> dict[str, Any] | None:
+    res = getattr(compiled, "detailed_results", None)
+    if res is not None and hasattr(res, "to_dict"):
+        d = res.to_dict()
+        return {k: d.get(k) for k in ("lm_calls", "lm_tokens", "failures", "best_iteration", "best_score",
+                                      "baseline_score", "seconds", "budget")}
+    return None
+
+
+def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, data: dict[str, list[dspy.Example]],
+             make_program: Any, target_inner: dspy.BaseLM, aux_inner: dspy.BaseLM | None, args: argparse.Namespace,
+             work_dir: Path) -> dict[str, Any]:
+    """Plan, compile and evaluate one (dataset, optimizer, seed); failures are recorded, not raised."""
+    from trprompt_dspy.metrics import get_metric
+
+    meter = CallMeter()
+    target = counting_lm(target_inner, meter, role="target")
+    aux = counting_lm(aux_inner or target_inner, meter, role="aux")
+    metric, feedback = get_metric(dataset), get_metric(dataset, feedback=True)
+    student = make_program()
+    p = len(student.predictors())
+    plan = plan_contender(optimizer, PlanInput(num_predictors=p, train_size=len(data["train"]),
+                                               dev_size=len(data["dev"]), budget=budget, demos=args.demos))
+    cell: dict[str, Any] = {"dataset": dataset, "optimizer": optimizer, "seed": seed, "budget": budget,
+                            "num_predictors": p, "plan": {"settings": plan.settings, "predicted_calls": plan.predicted_calls,
+                                                          "note": plan.note}}
+    logger.info("[%s | %s | seed %d] budget %s, settings %s", dataset, optimizer, seed, budget, plan.settings)
+    if work_dir.exists():  # GEPA and TRPrompt resume from their logs: a rerun must start afresh to count all calls
+        shutil.rmtree(work_dir)
+    random.seed(seed)
+    ci = CompileInput(target=target, aux=aux, metric=metric, feedback_metric=feedback, trainset=data["train"],
+                      devset=data["dev"], seed=seed, num_threads=args.num_threads, work_dir=work_dir,
+                      prompt_model=args.prompt_model, seed_with_target=not args.no_seed_with_target)
+    t0 = time.perf_counter()
+    try:
+        with meter.phase("compile"):
+            compiled = compile_contender(optimizer, plan, student, ci)
+    except Exception as exc:  # noqa: BLE001 - one failing optimizer must not end the comparison
+        logger.exception("[%s | %s | seed %d] compile failed", dataset, optimizer, seed)
+        cell.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:],
+                    compile={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("compile")})
+        return cell
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with meter.phase("eval"), dspy.context(lm=target):
+        accuracy, rows = evaluate_program(compiled, data["test"], metric, args.num_threads)
+    summary = meter.summary("compile")
+    counts_aux = aux_inner is None
+    cell.update(
+        status="ok", accuracy=round(accuracy, 6),
+        budget_calls=summary["total"]["calls"] if counts_aux else summary["target"]["calls"],
+        compile={"wall_s": round(compile_s, 2), "calls": summary},
+        eval={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("eval"), "n": len(rows)},
+        optimizer_stats=_optimizer_stats(compiled), per_example=rows,
+    )
+    logger.info("[%s | %s | seed %d] accuracy %.1f%%, %d compile calls, compile %.0f s", dataset, optimizer, seed,
+                100 * accuracy, cell["budget_calls"], compile_s)
+    return cell
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole comparison
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(args: argparse.Namespace, dataset: str) -> str:
+    keys = {"dataset": dataset, "program": args.program, "target": args.model or args.target,
+            "api_base": bool(args.api_base), "aux": args.reflection_model, "train": args.train_size,
+            "dev": args.dev_size, "test": args.test_size, "budget": args.budget_calls, "demos": args.demos,
+            "prompt_model": args.prompt_model, "max_tokens": args.max_tokens, "seed_writer": not args.no_seed_with_target}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_cells(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    cells = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                cells.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not valid JSON (an interrupted write?); ignoring it.", path, n)
+    return cells
+
+
+def _append_cell(path: Path, cell: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(cell, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _budget_mode(value: str) -> int | str:
+    if value in ("trprompt", "native"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget-calls must be a positive int, 'trprompt' or 'native'; got {value!r}.") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--budget-calls must be positive; got {n}.")
+    return n
+
+
+def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None = None,
+                   aux_inner: dspy.BaseLM | None = None) -> dict[str, Any]:
+    """Run (or resume) every cell, then write ``<name>.json``, ``<name>.md`` and ``<name>.png``.
+
+    ``target_inner``/``aux_inner`` override the LMs built from the flags (tests pass scripted LMs).
+    """
+    from trprompt_dspy.cli import load_program
+
+    t_start = time.perf_counter()
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    cells_path = results_dir / f"{args.out}.cells.jsonl"
+    if cells_path.exists() and not (args.resume or args.overwrite or args.report_only):
+        raise SystemExit(f"{cells_path} exists: pass --resume to continue that run, --overwrite to start again, "
+                         f"or a new --out name.")
+    if args.overwrite and cells_path.exists():
+        cells_path.unlink()
+    optimizers = sorted(set(args.optimizers), key=CONTENDERS.index)
+    if args.budget_calls == "trprompt":
+        if "trprompt" not in optimizers:
+            raise SystemExit("--budget-calls trprompt takes the budget from TRPrompt's run; include trprompt in "
+                             "--optimizers or give a number (or 'native').")
+        optimizers.remove("trprompt")
+        optimizers.insert(0, "trprompt")
+    fingerprints = {d: _fingerprint(args, d) for d in args.dataset}
+    done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for c in _read_cells(cells_path):
+        if c.get("fingerprint") == fingerprints.get(c.get("dataset")) and c.get("status") == "ok":
+            done[(c["dataset"], c["optimizer"], c["seed"])] = c
+    if done:
+        logger.info("Resuming: %d finished cells found in %s.", len(done), cells_path)
+
+    if not args.report_only:
+        if target_inner is None:
+            target_inner = build_lm(model=args.model or args.target, api_base=args.api_base, api_key=args.api_key,
+                                    max_tokens=args.max_tokens, temperature=0.0)
+        if aux_inner is None and args.reflection_model:
+            aux_inner = build_lm(model=args.reflection_model, api_base=args.reflection_api_base or args.api_base,
+                                 api_key=args.api_key, max_tokens=args.max_tokens, temperature=0.0)
+        args.target_lm_name = getattr(target_inner, "model", None)
+        spec = _program_spec(args.program)
+        for dataset in args.dataset:
+            data = load_benchmark_data(dataset, train_size=args.train_size, dev_size=args.dev_size,
+                                       test_size=args.test_size, data_dir=args.data_dir, source=args.source)
+            for seed in args.seeds:
+                budget: int | None = args.budget_calls if isinstance(args.budget_calls, int) else None
+                for opt in optimizers:
+                    key = (dataset, opt, seed)
+                    if key in done:
+                        cell = done[key]
+                    elif opt in DETERMINISTIC and seed != args.seeds[0] and (dataset, opt, args.seeds[0]) in done:
+                        src = done[(dataset, opt, args.seeds[0])]
+                        cell = {**src, "seed": seed, "reused_from_seed": args.seeds[0]}
+                    elif args.budget_calls == "trprompt" and opt != "trprompt" and budget is None and opt not in (
+                            "zeroshot", "labeled"):
+                        cell = {"dataset": dataset, "optimizer": opt, "seed": seed, "status": "skipped",
+                                "error": "no budget: the TRPrompt cell of this dataset and seed did not finish"}
+                    else:
+                        work = Path(args.work_dir) / args.out / f"{dataset}-{opt}-s{seed}"
+                        cell = run_cell(dataset=dataset, optimizer=opt, seed=seed, budget=budget, data=data,
+                                        make_program=lambda: load_program(spec), target_inner=target_inner,
+                                        aux_inner=aux_inner, args=args, work_dir=work)
+                    if key not in done:
+                        cell["fingerprint"] = fingerprints[dataset]
+                        cell["command"] = "python -m benchmarks.compare_optimizers " + " ".join(args.argv)
+                        cell["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                        _append_cell(cells_path, cell)
+                        if cell.get("status") == "ok":
+                            done[key] = cell
+                    if opt == "trprompt" and args.budget_calls == "trprompt" and cell.get("status") == "ok":
+                        budget = int(cell["budget_calls"])
+                        logger.info("[%s | seed %d] budget for the other optimizers: %d target-LM calls "
+                                    "(TRPrompt auto='light', measured).", dataset, seed, budget)
+    cells = [c for c in _read_cells(cells_path) if c.get("fingerprint") == fingerprints.get(c.get("dataset"))]
+    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for c in cells:  # the last record of a cell wins (a retried failure is replaced by its success)
+        key = (c["dataset"], c["optimizer"], c["seed"])
+        if c.get("status") == "ok" or latest.get(key, {}).get("status") != "ok":
+            latest[key] = c
+    cells = [latest[k] for k in sorted(latest, key=lambda k: (k[0], CONTENDERS.index(k[1]), k[2]))]
+    return write_outputs(args, cells, wall_s=time.perf_counter() - t_start)
+
+
+def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall_s: float) -> dict[str, Any]:
+    results_dir = Path(args.results_dir)
+    rows = summarize(cells)
+    sig = significance(cells, iterations=args.bootstrap_iterations, seed=0)
+    target = getattr(args, "target_lm_name", None) or args.model or args.target
+    meta = {"name": args.out, "program": _program_spec(args.program), "target": target,
+            "api_base": args.api_base, "aux_model": args.reflection_model, "budget_counts_aux": not args.reflection_model,
+            "train_size": args.train_size, "dev_size": args.dev_size, "test_size": args.test_size, "seeds": args.seeds,
+            "datasets": args.dataset, "optimizers": args.optimizers, "budget_mode": args.budget_calls,
+            "prompt_model": args.prompt_model, "num_threads": args.num_threads, "max_tokens": args.max_tokens,
+            "command": "python -m benchmarks.compare_optimizers " + " ".join(args.argv), "wall_s": round(wall_s, 1),
+            "cells_wall_s": round(sum(c.get("compile", {}).get("wall_s", 0) + c.get("eval", {}).get("wall_s", 0)
+                                      for c in cells if c.get("reused_from_seed") is None), 1),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
+    png = results_dir / f"{args.out}.png"
+    plot_accuracy_vs_calls(rows, png, title=f"{args.out}: accuracy vs target-LM calls")
+    md = markdown_report(meta, rows, sig, plot_name=png.name)
+    (results_dir / f"{args.out}.md").write_text(md, encoding="utf-8")
+    report = {"meta": meta, "summary": rows, "significance": sig, "cells": cells}
+    (results_dir / f"{args.out}.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    logger.info("Wrote %s.{json,md,png}", results_dir / args.out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare_optimizers",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", action="append", choices=sorted(DATASETS),
+                   help="dataset (repeat for several); default gsm8k")
+    d.add_argument("--train-size", type=int, default=200, help="examples sampled from the training pool")
+    d.add_argument("--dev-size", type=int, default=50, help="fixed dev examples (selection / valset)")
+    d.add_argument("--test-size", type=int, default=100, help="first N fixed test indices of splits.json")
+    d.add_argument("--data-dir", default=None, help="shared data folder (default: $TRPROMPT_SHARED_DATA or ../shared/data)")
+    d.add_argument("--source", default="auto", choices=["auto", "local", "bundled"])
+    r = p.add_argument_group("run")
+    r.add_argument("--program", default="math:MathCoT", help="module:Class; math:MathCoT or math:PlanAndSolve")
+    r.add_argument("--optimizers", nargs="+", default=list(CONTENDERS), choices=CONTENDERS, metavar="NAME",
+                   help=f"contenders ({', '.join(CONTENDERS)})")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    r.add_argument("--budget-calls", type=_budget_mode, default="trprompt",
+                   help="target-LM calls per compile: an int, 'trprompt' (TRPrompt light's measured calls) or 'native'")
+    r.add_argument("--demos", type=int, default=4, help="labeled demos (LabeledFewShot k, max_labeled_demos)")
+    r.add_argument("--num-threads", type=int, default=8)
+    r.add_argument("--bootstrap-iterations", type=int, default=10_000)
+    m = p.add_argument_group("models")
+    m.add_argument("--target", default="qwen2.5-coder-0.5b-instruct", help="in-process HF preset / folder / HF id")
+    m.add_argument("--api-base", default=None, help="OpenAI-compatible server URL (e.g. vLLM); needs --model")
+    m.add_argument("--model", default=None, help="model name served at --api-base")
+    m.add_argument("--api-key", default="EMPTY")
+    m.add_argument("--max-tokens", type=int, default=512)
+    m.add_argument("--reflection-model", default=None,
+                   help="separate proposer/reflection/reward model (default: the target model itself)")
+    m.add_argument("--reflection-api-base", default=None)
+    m.add_argument("--prompt-model", default="smollm2-135m-instruct", help="TRPrompt's trainable prompt model")
+    m.add_argument("--no-seed-with-target", action="store_true",
+                   help="TRPrompt: let the untrained prompt model write iteration 0's instructions")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="result name (default compare-<UTC date>)")
+    o.add_argument("--results-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    o.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "bench"), help="optimizer logs/checkpoints")
+    o.add_argument("--resume", action="store_true", help="skip the cells already in <out>.cells.jsonl")
+    o.add_argument("--overwrite", action="store_true", help="discard an existing <out>.cells.jsonl")
+    o.add_argument("--report-only", action="store_true", help="only rebuild json/md/png from <out>.cells.jsonl")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("train_size", "dev_size", "test_size", "num_threads", "max_tokens", "bootstrap_iterations"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}.")
+    if args.demos < 0:
+        p.error(f"--demos must be >= 0; got {args.demos}.")
+    if args.api_base and not args.model:
+        p.error("--api-base needs --model (the name the server serves, e.g. Qwen/Qwen2.5-Coder-0.5B-Instruct).")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds has duplicates: {args.seeds}.")
+
+
+def main(argv: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Parse ``argv`` and run the comparison; ``overrides`` are passed to :func:`run_comparison`."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    args.dataset = args.dataset or ["gsm8k"]
+    args.out = args.out or f"compare-{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}"
+    _check_args(parser, args)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_comparison(args, **overrides)
+
+
+if __name__ == "__main__":
+    main()
+    raise SystemExit(0)

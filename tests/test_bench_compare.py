@@ -1,0 +1,272 @@
+"""The optimizer-comparison benchmark's logic: call counting, statistics, budget planning, resume, outputs.
+
+Everything runs on scripted LMs (``tests/fakes.py``) and the GSM8K subset bundled with the package.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import dspy
+import pytest
+
+from benchmarks._budget import CallMeter, counting_lm
+from benchmarks._contenders import (
+    CONTENDERS,
+    CompileInput,
+    PlanInput,
+    compile_contender,
+    copro_calls,
+    plan_contender,
+)
+from benchmarks._stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
+from benchmarks.compare_optimizers import load_benchmark_data, main
+from tests.fakes import arithmetic_responder, output_fields, scripted_lm
+
+# ---------------------------------------------------------------------------------------------------
+# Counting wrapper
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_counting_lm_counts_every_completion_exactly():
+    inner = scripted_lm(arithmetic_responder)
+    meter = CallMeter()
+    lm = counting_lm(inner, meter, role="target")
+    with meter.phase("compile"), dspy.context(lm=lm):
+        assert dspy.ChainOfThought("question -> answer")(question="2 + 3?").answer == "5"
+        # n=3 is three completions; copies and deep copies of the LM / program keep counting.
+        dspy.Predict("question -> answer", n=3, temperature=1.0)(question="4 + 4?")
+        lm.copy(temperature=0.7, rollout_id=1)("1 + 1")
+        copy.deepcopy(dspy.Predict("question -> answer"))(question="7 + 1")
+    assert meter.calls("compile") == 1 + 3 + 1 + 1
+    assert len(inner.engine.calls) == 6
+    # Tokens are the engine's own usage numbers, summed.
+    expected_in = sum(len(user.split()) for _, user in inner.engine.calls)
+    assert meter.usage("compile", "target").input_tokens == expected_in
+    assert meter.calls("eval") == 0 and meter.calls("compile", role="aux") == 0
+
+
+def test_counting_lm_separates_phases_roles_threads_and_errors():
+    inner = scripted_lm(arithmetic_responder)
+    meter = CallMeter()
+    target, aux = counting_lm(inner, meter, role="target"), counting_lm(inner, meter, role="aux")
+    data = [dspy.Example(question=f"{i} + 1", answer=str(i + 1)).with_inputs("question") for i in range(20)]
+    with meter.phase("eval"), dspy.context(lm=target):
+        dspy.Evaluate(devset=data, metric=lambda g, p, t=None: g.answer == p.answer, num_threads=4)(
+            dspy.Predict("question -> answer"))
+    with meter.phase("compile"), dspy.context(lm=aux):
+        dspy.Predict("question -> answer")(question="1 + 1")
+    assert meter.calls("eval") == 20
+    assert meter.calls("compile", role="aux") == 1 and meter.calls("compile") == 0
+    assert meter.summary("compile")["total"]["calls"] == 1
+
+    def broken(system, user):
+        raise RuntimeError("server down")
+
+    bad = counting_lm(scripted_lm(broken), meter, role="target")
+    with meter.phase("compile"), pytest.raises(Exception, match="server down"):
+        bad("hi")
+    assert meter.usage("compile", "target").errors == 1
+
+
+def test_counting_lm_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="dspy.LM"):
+        counting_lm("not an lm", CallMeter())
+    with pytest.raises(ValueError, match="role"):
+        counting_lm(scripted_lm(arithmetic_responder), CallMeter(), role="")
+    with pytest.raises(ValueError, match="phase name"), CallMeter().phase(""):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_on_known_tables():
+    # b=10, c=2: p = 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096
+    assert mcnemar_exact(10, 2)["p_value"] == pytest.approx(2 * 79 / 4096)
+    assert mcnemar_exact(2, 10)["p_value"] == pytest.approx(2 * 79 / 4096)
+    assert mcnemar_exact(0, 0)["p_value"] == 1.0
+    assert mcnemar_exact(3, 3)["p_value"] == 1.0
+    assert mcnemar_exact(6, 0)["p_value"] == pytest.approx(2 / 64)
+    with pytest.raises(ValueError, match="non-negative"):
+        mcnemar_exact(-1, 2)
+
+
+def test_discordant_counts_pool_seeds_and_check_shapes():
+    a = [[1, 1, 0, 0], [1, 0, 1, 0]]
+    b = [[0, 1, 1, 0], [0, 0, 0, 0]]
+    assert discordant_counts(a, b) == (3, 1)
+    with pytest.raises(ValueError, match="same"):
+        discordant_counts(a, b[:1])
+    with pytest.raises(ValueError, match="same"):
+        discordant_counts([[1, 0]], [[1]])
+
+
+def test_paired_bootstrap_is_deterministic_and_sensible():
+    a = [[1] * 30 + [0] * 10, [1] * 28 + [0] * 12]
+    b = [[1] * 10 + [0] * 30, [1] * 12 + [0] * 28]
+    r1 = paired_bootstrap(a, b, iterations=3000, seed=7)
+    assert r1 == paired_bootstrap(a, b, iterations=3000, seed=7)
+    assert r1["diff"] == pytest.approx((20 / 40 + 16 / 40) / 2)
+    assert r1["ci95"][0] > 0 and r1["p_value"] < 0.01
+    same = paired_bootstrap(a, a, iterations=500, seed=0)
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+    assert mean_std([0.2, 0.4, 0.6]) == (0.4, 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Budget planning
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [60, 150, 600, 3000])
+@pytest.mark.parametrize("p", [1, 2])
+def test_budget_plans_stay_within_budget(budget, p):
+    ctx = PlanInput(num_predictors=p, train_size=120, dev_size=60, budget=budget)
+    for name in CONTENDERS:
+        plan = plan_contender(name, ctx)
+        if "over budget" not in plan.note:
+            assert plan.predicted_calls <= budget, (name, plan)
+    # Optimizers that can spend the budget get close to it.
+    for name in ("copro", "gepa", "trprompt"):
+        plan = plan_contender(name, ctx)
+        if budget >= 600:
+            assert plan.predicted_calls >= 0.8 * budget, (name, plan)
+
+
+def test_plan_rejects_unknown_optimizer_and_bad_budget():
+    with pytest.raises(ValueError, match="Unknown optimizer 'miprov3'"):
+        plan_contender("miprov3", PlanInput(1, 10, 10, 100))
+    with pytest.raises(ValueError, match="positive"):
+        plan_contender("gepa", PlanInput(1, 10, 10, 0))
+
+
+def test_copro_measured_calls_match_the_plan():
+    """The planner's COPRO formula is exact: the wrapper counts what it predicts."""
+    meter = CallMeter()
+    inner = scripted_lm(arithmetic_responder)
+    target, aux = counting_lm(inner, meter, role="target"), counting_lm(inner, meter, role="aux")
+    train = [dspy.Example(question=f"{i} + 2", answer=str(i + 2)).with_inputs("question") for i in range(30)]
+    plan = plan_contender("copro", PlanInput(num_predictors=1, train_size=len(train), dev_size=5, budget=40))
+    assert plan.settings == {"breadth": 2, "depth": 2, "train_size": 9}  # breadth 3 would leave n < 8
+    ci = CompileInput(target=target, aux=aux, metric=lambda g, p, t=None: g.answer == p.answer,
+                      feedback_metric=None, trainset=train, devset=train[:5], seed=0, num_threads=1,
+                      work_dir=None)
+    with meter.phase("compile"):
+        compile_contender("copro", plan, dspy.Predict("question -> answer"), ci)
+    assert meter.calls("compile", role=None) == plan.predicted_calls == copro_calls(1, 9, 2, 2) == 39
+    assert meter.calls("compile", role="aux") == 1 + 2  # (breadth - 1) + (depth - 1) * breadth proposals
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on a scripted LM
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gold_by_question() -> dict[str, str]:
+    data = load_benchmark_data("gsm8k", train_size=8, dev_size=4, test_size=6, source="bundled")
+    return {ex.question.strip(): ex.answer for split in data.values() for ex in split}
+
+
+def _responder(gold: dict[str, str]):
+    """Answers a test question correctly when demos are in the prompt, otherwise only for even idx positions."""
+    order = list(gold)
+
+    def respond(system: str, user: str) -> str:
+        fields = output_fields(system)
+        if "answer" not in fields:
+            return arithmetic_responder(system, user)
+        questions = re.findall(r"\[\[ ## question ## \]\]\n(.*?)(?=\n\n|\n\[\[|\Z)", user, re.S)
+        q = questions[-1].strip() if questions else ""
+        with_demos = len(questions) > 1
+        right = gold.get(q, "0")
+        answer = right if (with_demos or order.index(q) % 2 == 0 if q in gold else False) else "-1"
+        return "\n\n".join(f"[[ ## {f} ## ]]\n{answer if f == 'answer' else 'step by step'}" for f in fields) + (
+            "\n\n[[ ## completed ## ]]")
+
+    return respond
+
+
+def _argv(tmp_path, *extra):
+    return ["--dataset", "gsm8k", "--source", "bundled", "--train-size", "8", "--dev-size", "4", "--test-size", "6",
+            "--seeds", "0", "1", "--optimizers", "zeroshot", "labeled", "--budget-calls", "native",
+            "--num-threads", "2", "--bootstrap-iterations", "200", "--out", "tiny",
+            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), *extra]
+
+
+def test_end_to_end_writes_json_markdown_and_png_then_resumes(tmp_path):
+    lm = scripted_lm(_responder(_gold_by_question()))
+    report = main(_argv(tmp_path), target_inner=lm)
+    out = tmp_path / "results"
+    data = json.loads((out / "tiny.json").read_text())
+    assert (out / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "tiny.md").read_text()
+    assert "| zero-shot CoT |" in md and "| LabeledFewShot |" in md
+    assert {"machine", "seeds", "command"} <= set(data["meta"]) and data["meta"]["machine"]["versions"]["dspy"]
+    cells = {(c["optimizer"], c["seed"]): c for c in data["cells"]}
+    assert set(cells) == {("zeroshot", 0), ("zeroshot", 1), ("labeled", 0), ("labeled", 1)}
+    zs, lab = cells[("zeroshot", 0)], cells[("labeled", 0)]
+    assert [e["correct"] for e in zs["per_example"]] == [1, 0, 1, 0, 1, 0]
+    assert zs["accuracy"] == pytest.approx(0.5) and lab["accuracy"] == 1.0
+    assert cells[("zeroshot", 1)]["reused_from_seed"] == 0  # greedy zero-shot is run once
+    assert lab["budget_calls"] == 0 and lab["eval"]["calls"]["target"]["calls"] == 6
+    assert [e["idx"] for e in lab["per_example"]] == [e["idx"] for e in zs["per_example"]]
+    assert report["summary"][0]["optimizer"] == "zeroshot" and report["summary"][1]["accuracy_mean"] == 1.0
+    calls_after_first_run = len(lm.engine.calls)
+    assert calls_after_first_run == 6 * 3  # zero-shot once, LabeledFewShot for two seeds
+
+    # Without --resume an existing run is protected.
+    with pytest.raises(SystemExit, match="--resume"):
+        main(_argv(tmp_path), target_inner=lm)
+    # --resume with every cell finished makes no LM call.
+    main(_argv(tmp_path, "--resume"), target_inner=lm)
+    assert len(lm.engine.calls) == calls_after_first_run
+    # Drop the last finished cell (an interrupted run): --resume runs only that one.
+    lines = (out / "tiny.cells.jsonl").read_text().splitlines()
+    (out / "tiny.cells.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    report = main(_argv(tmp_path, "--resume"), target_inner=lm)
+    assert len(lm.engine.calls) == calls_after_first_run + 6
+    assert len(report["cells"]) == 4
+
+
+def test_end_to_end_budget_mode_and_significance(tmp_path):
+    """A numeric budget reaches the planner; BootstrapFewShot's counted calls stay within it."""
+    lm = scripted_lm(_responder(_gold_by_question()))
+    argv = _argv(tmp_path, "--budget-calls", "5")
+    argv[argv.index("labeled")] = "bootstrap"
+    report = main(argv, target_inner=lm)
+    boot = [c for c in report["cells"] if c["optimizer"] == "bootstrap"]
+    assert all(c["status"] == "ok" and 0 < c["budget_calls"] <= 5 for c in boot)
+    assert boot[0]["plan"]["settings"]["train_size"] == 5
+    assert report["significance"] == {}  # no TRPrompt cell: nothing to test
+
+
+def test_cli_rejects_bad_flags(tmp_path):
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--budget-calls", "lots"))
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--test-size", "0"))
+    with pytest.raises(SystemExit, match="include trprompt"):
+        main(_argv(tmp_path, "--budget-calls", "trprompt"), target_inner=scripted_lm(arithmetic_responder))
+
+
+def test_benchmark_data_uses_fixed_test_indices_and_clean_gold_reasoning(shared_data_dir):
+    import json as _json
+
+    data = load_benchmark_data("gsm8k", train_size=5, dev_size=3, test_size=4, data_dir=str(shared_data_dir),
+                               source="local")
+    splits = _json.loads((shared_data_dir / "splits.json").read_text())
+    assert [ex.idx for ex in data["test"]] == splits["gsm8k"]["test"]["indices"][:4]
+    assert [ex.idx for ex in data["dev"]] == splits["gsm8k"]["dev"]["indices"][:3]
+    assert len(data["train"]) == 5 and not {ex.idx for ex in data["train"]} & set(splits["gsm8k"]["dev"]["indices"])
+    assert all(ex.reasoning and "<<" not in ex.reasoning for ex in data["train"])
+    assert list(data["train"][0].inputs().keys()) == ["question"]
+    again = load_benchmark_data("gsm8k", train_size=5, dev_size=3, test_size=4, data_dir=str(shared_data_dir),
+                                source="local")
+    assert [ex.idx for ex in again["train"]] == [ex.idx for ex in data["train"]]  # Random(0): same draw
+    with pytest.raises(ValueError, match="Unknown dataset 'math'"):
+        load_benchmark_data("math", train_size=1, dev_size=1, test_size=1)
