@@ -142,7 +142,11 @@ def test_steps_zero_initial_and_argument_checks():
     engine = ScriptedEngine(["<IMPROVED_VARIABLE>t2</IMPROVED_VARIABLE>"])
     log: list[str] = []
     res = refine_optimal_reward("t", evaluate=make_eval(lambda t: 0.3, log), engine=engine, steps=1, initial=init)
-    assert log == ["t2"] and res.accepted  # equal score is accepted (no drop)
+    assert log == ["t2"] and res.accepted  # an equal non-zero score is accepted (no drop)
+    engine = ScriptedEngine(["<IMPROVED_VARIABLE>Minimum Pair Output</IMPROVED_VARIABLE>"])
+    res = refine_optimal_reward("t", evaluate=make_eval(lambda t: 0.0), engine=engine, steps=1)
+    assert res.value == "t" and not res.accepted  # a tie at zero says nothing about the candidate
+    assert res.history[0]["error_kind"] == "zero_tie" and res.history[0]["score_after"] == 0.0
     with pytest.raises(ValueError, match="t_star"):
         refine_optimal_reward("  ", evaluate=lambda t: init, engine=engine, steps=1)
     with pytest.raises(ValueError, match="steps"):

@@ -12,8 +12,10 @@ ideal outcome. Each TRPrompt iteration improves t* with textual gradient descent
    function's backward pass, a gradient on t* itself;
 4. ``TGD.step()`` rewrites t* (a missing ``<IMPROVED_VARIABLE>`` tag is retried once, then the step is
    abandoned);
-5. the candidate is rejected if it states a minibatch gold answer, otherwise evaluated, and accepted only
-   if the minibatch score does not drop.
+5. the candidate is rejected if it states a minibatch gold answer or restates a query, otherwise evaluated,
+   and accepted if the minibatch score improves, or ties a non-zero score. A tie at zero is rejected: the
+   minibatch then says nothing about the candidate (a 0.5B engine's "Minimum Pair Output" replaced a
+   sensible t* that way in a CPU demo run).
 
 TextGrad's process-wide backward engine is never set: every call passes ``engine=`` explicitly. Any
 ``dspy.LM`` can serve as the engine through :class:`DSPyTextGradEngine`.
@@ -422,11 +424,13 @@ def refine_optimal_reward(
             logger.warning("TextGrad step %d: %s", step, entry["error"])
             continue
         entry["score_after"] = after.score
-        if after.score >= before.score:
+        if after.score > before.score or (after.score == before.score and before.score > 0):
             entry["accepted"] = True
             any_accepted = True
             current, before = candidate, after
             logger.info("TextGrad step %d accepted: score %.4f -> %.4f", step, entry["score_before"], after.score)
         else:
+            if after.score == before.score:
+                entry["error_kind"] = "zero_tie"
             logger.info("TextGrad step %d rejected: score %.4f -> %.4f", step, entry["score_before"], after.score)
     return RefineResult(current, any_accepted, history, initial_score, before.score)
