@@ -176,6 +176,26 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """Resolve ``path`` and check that it is a PEFT adapter folder; raise a how-to-fix error otherwise.
+
+    Example:
+        >>> check_adapter_dir("no/such/adapter")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: Adapter folder 'no/such/adapter' does not exist; pass the output_dir of a previous train() (it holds adapter_config.json and adapter_model.safetensors), or None.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"Adapter folder {str(path)!r} does not exist; pass the output_dir of a previous "
+                                "train() (it holds adapter_config.json and adapter_model.safetensors), or None.")
+    if not is_adapter_dir(p):
+        found = sorted(x.name for x in p.iterdir())[:10] if p.is_dir() else []
+        raise ValueError(f"{str(path)!r} is not a PEFT adapter folder: expected {ADAPTER_CONFIG} and "
+                         f"adapter_model.safetensors, found {found}.")
+    return p.resolve()
+
+
 def _checkpointing(model: Any) -> bool:
     if hasattr(model, "is_activation_checkpointing"):  # transformers >= 5 name
         return bool(model.is_activation_checkpointing)

@@ -88,17 +88,9 @@ def _model_id(model: str | os.PathLike[str]) -> str:
 
 
 def _check_adapter_dir(path: str | os.PathLike[str]) -> Path:
-    from trprompt_dspy.finetune import ADAPTER_CONFIG, is_adapter_dir
+    from trprompt_dspy.finetune import check_adapter_dir
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"Adapter folder {str(path)!r} does not exist; pass the output_dir of a previous "
-                                "train() (it holds adapter_config.json and adapter_model.safetensors), or None.")
-    if not is_adapter_dir(p):
-        found = sorted(x.name for x in p.iterdir())[:10] if p.is_dir() else []
-        raise ValueError(f"{str(path)!r} is not a PEFT adapter folder: expected {ADAPTER_CONFIG} and "
-                         f"adapter_model.safetensors, found {found}.")
-    return p.resolve()
+    return check_adapter_dir(path)
 
 
 class HFPromptModel:
