@@ -319,7 +319,7 @@ def compile_contender(name: str, plan: Plan, student: dspy.Module, ci: CompileIn
             return opt.compile(student, trainset=train[: s["train_size"]])
         if name == "copro":
             opt = dspy.COPRO(prompt_model=ci.aux, metric=ci.metric, breadth=s["breadth"], depth=s["depth"],
-                             init_temperature=1.4)
+                             init_temperature=float(ci.extra.get("copro_temperature", 1.4)))
             return opt.compile(student, trainset=train[: s["train_size"]],
                                eval_kwargs={"num_threads": ci.num_threads, "display_progress": False})
         if name == "mipro":

@@ -222,20 +222,24 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     cell: dict[str, Any] = {"dataset": dataset, "optimizer": optimizer, "seed": seed, "budget": budget,
                             "num_predictors": p, "plan": {"settings": plan.settings, "predicted_calls": plan.predicted_calls,
                                                           "note": plan.note}}
+    if optimizer == "copro":
+        cell["plan"]["settings"] = {**plan.settings, "init_temperature": args.copro_temperature}
     logger.info("[%s | %s | seed %d] budget %s, settings %s", dataset, optimizer, seed, budget, plan.settings)
     if work_dir.exists():  # GEPA and TRPrompt resume from their logs: a rerun must start afresh to count all calls
         shutil.rmtree(work_dir)
     random.seed(seed)
     ci = CompileInput(target=target, aux=aux, metric=metric, feedback_metric=feedback, trainset=data["train"],
                       devset=data["dev"], seed=seed, num_threads=args.num_threads, work_dir=work_dir,
-                      prompt_model=args.prompt_model, seed_with_target=not args.no_seed_with_target)
+                      prompt_model=args.prompt_model, seed_with_target=not args.no_seed_with_target,
+                      extra={"copro_temperature": args.copro_temperature})
     t0 = time.perf_counter()
     try:
         with meter.phase("compile"):
             compiled = compile_contender(optimizer, plan, student, ci)
     except Exception as exc:  # noqa: BLE001 - one failing optimizer must not end the comparison
         logger.exception("[%s | %s | seed %d] compile failed", dataset, optimizer, seed)
-        cell.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:],
+        cell.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                    traceback=scrub_paths(traceback.format_exc())[-4000:],
                     compile={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("compile")})
         return cell
     compile_s = time.perf_counter() - t0
@@ -259,6 +263,25 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
 # ---------------------------------------------------------------------------------------------------
 # The whole comparison
 # ---------------------------------------------------------------------------------------------------
+
+
+def scrub_paths(text: str) -> str:
+    """Replace this machine's paths in ``text`` (site-packages, the repo, the home folder) by placeholders.
+
+    Example:
+        >>> import site
+        >>> scrub_paths(f'File "{REPO_ROOT}/benchmarks/x.py"')
+        'File "<repo>/benchmarks/x.py"'
+    """
+    import site
+    import sysconfig
+
+    roots = {sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib"), *site.getsitepackages()}
+    for root in sorted((r for r in roots if r), key=len, reverse=True):
+        text = text.replace(root, "<site-packages>")
+    text = text.replace(str(REPO_ROOT), "<repo>")
+    home = str(Path.home())
+    return text.replace(home, "~") if len(home) > 1 else text
 
 
 def _fingerprint(args: argparse.Namespace, dataset: str) -> str:
@@ -287,6 +310,33 @@ def _append_cell(path: Path, cell: dict[str, Any]) -> None:
         fh.write(json.dumps(cell, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def merge_cells(into: Path, sources: list[Path]) -> int:
+    """Append the cells of other runs' ``.cells.jsonl`` files to ``into``; returns how many were added.
+
+    Lets (dataset, seed) pairs run as separate processes against one server (each with its own
+    ``--out``), then be reported together. A cell already in ``into`` (same dataset, optimizer, seed,
+    fingerprint and finish time) is not added twice; cells of other settings are kept but ignored by
+    the report, which only reads cells whose fingerprint matches the current flags.
+    """
+    def key(c: dict[str, Any]) -> tuple[Any, ...]:
+        return (c.get("dataset"), c.get("optimizer"), c.get("seed"), c.get("fingerprint"), c.get("finished_at"))
+
+    seen = {key(c) for c in _read_cells(into)}
+    added = 0
+    for src in sources:
+        if not src.is_file():
+            raise SystemExit(f"--merge: {src} is not a file; give the .cells.jsonl of another run.")
+        if src.resolve() == into.resolve():
+            continue
+        for cell in _read_cells(src):
+            if key(cell) not in seen:
+                _append_cell(into, cell)
+                seen.add(key(cell))
+                added += 1
+    logger.info("Merged %d cells from %d file(s) into %s.", added, len(sources), into)
+    return added
 
 
 def _budget_mode(value: str) -> int | str:
@@ -318,6 +368,8 @@ def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None
                          f"or a new --out name.")
     if args.overwrite and cells_path.exists():
         cells_path.unlink()
+    if args.merge:
+        merge_cells(cells_path, [Path(m) for m in args.merge])
     optimizers = sorted(set(args.optimizers), key=CONTENDERS.index)
     if args.budget_calls == "trprompt":
         if "trprompt" not in optimizers:
@@ -394,6 +446,7 @@ def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall
             "train_size": args.train_size, "dev_size": args.dev_size, "test_size": args.test_size, "seeds": args.seeds,
             "datasets": args.dataset, "optimizers": args.optimizers, "budget_mode": args.budget_calls,
             "prompt_model": args.prompt_model, "num_threads": args.num_threads, "max_tokens": args.max_tokens,
+            "copro_temperature": getattr(args, "copro_temperature", 1.4),
             "command": "python -m benchmarks.compare_optimizers " + " ".join(args.argv), "wall_s": round(wall_s, 1),
             "cells_wall_s": round(sum(c.get("compile", {}).get("wall_s", 0) + c.get("eval", {}).get("wall_s", 0)
                                       for c in cells if c.get("reused_from_seed") is None), 1),
@@ -435,10 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--demos", type=int, default=4, help="labeled demos (LabeledFewShot k, max_labeled_demos)")
     r.add_argument("--num-threads", type=int, default=8)
     r.add_argument("--bootstrap-iterations", type=int, default=10_000)
+    r.add_argument("--copro-temperature", type=float, default=1.4,
+                   help="COPRO's init_temperature (DSPy's default 1.4 makes a 0.5B proposer emit unparseable text)")
     m = p.add_argument_group("models")
     m.add_argument("--target", default="qwen2.5-coder-0.5b-instruct", help="in-process HF preset / folder / HF id")
     m.add_argument("--api-base", default=None, help="OpenAI-compatible server URL (e.g. vLLM); needs --model")
     m.add_argument("--model", default=None, help="model name served at --api-base")
+    m.add_argument("--serve", default=None, metavar="PRESET",
+                   help="start a vLLM server for this preset / folder for the run (sets --api-base and --model)")
     m.add_argument("--api-key", default="EMPTY")
     m.add_argument("--max-tokens", type=int, default=512)
     m.add_argument("--reflection-model", default=None,
@@ -454,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true", help="skip the cells already in <out>.cells.jsonl")
     o.add_argument("--overwrite", action="store_true", help="discard an existing <out>.cells.jsonl")
     o.add_argument("--report-only", action="store_true", help="only rebuild json/md/png from <out>.cells.jsonl")
+    o.add_argument("--merge", nargs="+", default=[], metavar="CELLS_JSONL",
+                   help="first append the cells of other runs (their .cells.jsonl) to <out>.cells.jsonl")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -464,6 +523,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}.")
     if args.demos < 0:
         p.error(f"--demos must be >= 0; got {args.demos}.")
+    if args.serve and (args.api_base or args.model):
+        p.error("--serve starts its own server: drop --api-base/--model (or drop --serve to use yours).")
     if args.api_base and not args.model:
         p.error("--api-base needs --model (the name the server serves, e.g. Qwen/Qwen2.5-Coder-0.5B-Instruct).")
     if len(set(args.seeds)) != len(args.seeds):
@@ -483,6 +544,16 @@ def main(argv: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.serve and not args.report_only:
+        from trprompt_dspy.serving import VLLMServer
+
+        with VLLMServer(args.serve) as server:  # stopped (process group and all) on exit, error or Ctrl-C
+            args.api_base, args.model = server.base_url, server.model_name
+            logger.info("Serving %s with vLLM at %s (started in %.0f s).", args.serve, args.api_base,
+                        server.startup_seconds)
+            return run_comparison(args, **overrides)
+    if args.serve:  # --report-only: the cells were made against a served model of this name
+        args.api_base, args.model = "served", args.serve
     return run_comparison(args, **overrides)
 
 

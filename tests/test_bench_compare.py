@@ -233,6 +233,51 @@ def test_end_to_end_writes_json_markdown_and_png_then_resumes(tmp_path):
     assert len(report["cells"]) == 4
 
 
+def test_merge_folds_parallel_runs_into_one_report(tmp_path):
+    """Two processes (one seed each, own --out) merged into one report with both seeds; merging twice adds nothing."""
+    lm = scripted_lm(_responder(_gold_by_question()))
+    for seed in ("0", "1"):
+        argv = _argv(tmp_path)
+        argv[argv.index("--seeds") + 1: argv.index("--seeds") + 3] = [seed]
+        argv[argv.index("tiny")] = f"part{seed}"
+        main(argv, target_inner=lm)
+    out = tmp_path / "results"
+    merge = ["--report-only", "--merge", str(out / "part0.cells.jsonl"), str(out / "part1.cells.jsonl")]
+    report = main(_argv(tmp_path, *merge))
+    assert {(c["optimizer"], c["seed"]) for c in report["cells"]} == {
+        ("zeroshot", 0), ("zeroshot", 1), ("labeled", 0), ("labeled", 1)}
+    lines = (out / "tiny.cells.jsonl").read_text().splitlines()
+    main(_argv(tmp_path, *merge))
+    assert (out / "tiny.cells.jsonl").read_text().splitlines() == lines
+    with pytest.raises(SystemExit, match="not a file"):
+        main(_argv(tmp_path, "--report-only", "--merge", str(out / "missing.cells.jsonl")))
+
+
+def test_serve_flag_runs_against_a_server_it_starts_and_stops(tmp_path, monkeypatch):
+    import trprompt_dspy.serving as serving
+
+    events = []
+
+    class FakeServer:
+        def __init__(self, model):
+            self.model_name, self.base_url, self.startup_seconds = model, "http://127.0.0.1:9/v1", 0.0
+
+        def __enter__(self):
+            events.append("start")
+            return self
+
+        def __exit__(self, *exc):
+            events.append("stop")
+
+    monkeypatch.setattr(serving, "VLLMServer", FakeServer)
+    report = main(_argv(tmp_path, "--serve", "qwen2.5-coder-0.5b-instruct"),
+                  target_inner=scripted_lm(_responder(_gold_by_question())))
+    assert events == ["start", "stop"]
+    assert report["meta"]["api_base"] == "http://127.0.0.1:9/v1"
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--serve", "x", "--api-base", "http://127.0.0.1:1/v1", "--model", "m"))
+
+
 def test_end_to_end_budget_mode_and_significance(tmp_path):
     """A numeric budget reaches the planner; BootstrapFewShot's counted calls stay within it."""
     lm = scripted_lm(_responder(_gold_by_question()))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -288,6 +290,39 @@ def test_runtime_lora_needs_enable_lora_and_an_adapter_folder(fake_vllm, tmp_pat
         lora_server.load_lora_adapter("a", tmp_path / "missing")
     with pytest.raises(ValueError, match="adapter name"):
         lora_server.load_lora_adapter("bad name", tmp_path)
+
+
+def test_sigterm_to_the_owning_script_stops_the_server(fake_vllm, tmp_path):
+    """``kill PID`` of a script holding a server (default SIGTERM action) must not leave the server running."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from trprompt_dspy.serving import VLLMServer\n"
+        f"env = {{'PYTHONPATH': {fake_vllm['pythonpath']!r}, 'FAKE_VLLM_MODE': 'ok', "
+        f"'FAKE_VLLM_PIDS': {str(fake_vllm['pids'])!r}}}\n"
+        f"server = VLLMServer({str(fake_vllm['model'])!r}, python=sys.executable, device='cpu', "
+        f"log_dir={str(fake_vllm['logs'])!r}, env=env)\n"
+        "server.start()\n"
+        f"Path({str(tmp_path / 'ready')!r}).write_text(str(server.pid))\n"
+        "time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, str(script)])
+    try:
+        for _ in range(300):
+            if (tmp_path / "ready").is_file() or owner.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "ready").is_file(), "the owner script never got its server ready"
+        leader = int((tmp_path / "ready").read_text())
+        children = _child_pids(fake_vllm)
+        owner.send_signal(signal.SIGTERM)
+        assert owner.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(p) for p in [leader, *children]):
+            time.sleep(0.1)
+        assert not [p for p in [leader, *children] if _alive(p)], "server processes outlived their owner"
+    finally:
+        owner.kill()
 
 
 def test_process_group_stop_is_idempotent(tmp_path):

@@ -47,6 +47,26 @@ _API_MODULE = "vllm.entrypoints.openai.api_server"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _install_sigterm_exit() -> None:
+    """Make SIGTERM (``kill PID``) exit through Python so ``with`` blocks and ``atexit`` stop the servers.
+
+    Python's default SIGTERM action kills the process at once, without ``atexit``: a script killed
+    that way would leave its vLLM server (its own process group) running. Installed only from the main
+    thread and only while SIGTERM still has its default action, so handlers set by the program win.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 class ServerStartError(RuntimeError):
     """The server process died or did not become ready in time; the message ends with its log's tail."""
 
@@ -262,6 +282,7 @@ class VLLMServer:
             t0 = time.perf_counter()
             self._group = ProcessGroup.start(self.command, log_path=self.log_path, env=self.build_env())
             atexit.register(self.stop)
+            _install_sigterm_exit()
         try:
             self._wait_ready(t0)
         except BaseException:  # also Ctrl-C while waiting: never leave the server behind
