@@ -125,6 +125,11 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _one_line(text: object, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters, safe inside a Markdown table cell."""
+    return " ".join(str(text).split())[:limit].replace("|", "\\|")
+
+
 def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: dict[str, dict[str, Any]],
                     plot_name: str | None = None) -> str:
     """The Markdown summary: run settings, one table per dataset, the significance tests and the plot."""
@@ -145,7 +150,7 @@ def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: d
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["dataset"] == dataset):
             if not r["seeds"]:
-                why = "; ".join(f"seed {f['seed']}: {f['status']} ({str(f.get('error'))[:80]})" for f in r["failed"])
+                why = "; ".join(f"seed {f['seed']}: {f['status']} ({_one_line(f.get('error'), 80)})" for f in r["failed"])
                 lines.append(f"| {r['label']} | not finished: {why} | 0 | | | | | | |")
                 continue
             lines.append(

@@ -315,3 +315,13 @@ def test_benchmark_data_uses_fixed_test_indices_and_clean_gold_reasoning(shared_
     assert [ex.idx for ex in again["train"]] == [ex.idx for ex in data["train"]]  # Random(0): same draw
     with pytest.raises(ValueError, match="Unknown dataset 'math'"):
         load_benchmark_data("math", train_size=1, dev_size=1, test_size=1)
+
+
+def test_markdown_table_rows_stay_on_one_line_for_multiline_errors():
+    from benchmarks._report import markdown_report, summarize
+
+    cells = [{"dataset": "gsm8k", "optimizer": "copro", "seed": 0, "status": "failed",
+              "error": "AdapterParseError: failed to parse.\n\nLM Response: a | b\n"}]
+    md = markdown_report({"name": "t"}, summarize(cells), {})
+    row = next(line for line in md.splitlines() if line.startswith("| COPRO"))
+    assert "AdapterParseError: failed to parse. LM Response: a \\| b" in row and row.endswith("|")
