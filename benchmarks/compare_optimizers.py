@@ -285,8 +285,9 @@ def scrub_paths(text: str) -> str:
 
 
 def _fingerprint(args: argparse.Namespace, dataset: str) -> str:
-    keys = {"dataset": dataset, "program": args.program, "target": args.model or args.target,
-            "api_base": bool(args.api_base), "aux": args.reflection_model, "train": args.train_size,
+    served = bool(args.api_base or args.serve)  # --serve X [--report-only] is the same setting as --api-base + --model X
+    keys = {"dataset": dataset, "program": args.program, "target": args.model or args.serve or args.target,
+            "api_base": served, "aux": args.reflection_model, "train": args.train_size,
             "dev": args.dev_size, "test": args.test_size, "budget": args.budget_calls, "demos": args.demos,
             "prompt_model": args.prompt_model, "max_tokens": args.max_tokens, "seed_writer": not args.no_seed_with_target}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
@@ -440,9 +441,9 @@ def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall
     results_dir = Path(args.results_dir)
     rows = summarize(cells)
     sig = significance(cells, iterations=args.bootstrap_iterations, seed=0)
-    target = getattr(args, "target_lm_name", None) or args.model or args.target
+    target = getattr(args, "target_lm_name", None) or args.model or args.serve or args.target
     meta = {"name": args.out, "program": _program_spec(args.program), "target": target,
-            "api_base": args.api_base, "aux_model": args.reflection_model, "budget_counts_aux": not args.reflection_model,
+            "api_base": args.api_base, "served_preset": args.serve, "aux_model": args.reflection_model, "budget_counts_aux": not args.reflection_model,
             "train_size": args.train_size, "dev_size": args.dev_size, "test_size": args.test_size, "seeds": args.seeds,
             "datasets": args.dataset, "optimizers": args.optimizers, "budget_mode": args.budget_calls,
             "prompt_model": args.prompt_model, "num_threads": args.num_threads, "max_tokens": args.max_tokens,
@@ -552,8 +553,6 @@ def main(argv: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
             logger.info("Serving %s with vLLM at %s (started in %.0f s).", args.serve, args.api_base,
                         server.startup_seconds)
             return run_comparison(args, **overrides)
-    if args.serve:  # --report-only: the cells were made against a served model of this name
-        args.api_base, args.model = "served", args.serve
     return run_comparison(args, **overrides)
 
 

@@ -274,6 +274,18 @@ def test_serve_flag_runs_against_a_server_it_starts_and_stops(tmp_path, monkeypa
                   target_inner=scripted_lm(_responder(_gold_by_question())))
     assert events == ["start", "stop"]
     assert report["meta"]["api_base"] == "http://127.0.0.1:9/v1"
+    served = {(c["optimizer"], c["seed"]) for c in report["cells"]}
+    assert served and events == ["start", "stop"]
+    # --report-only with --serve starts nothing and reports exactly the cells the served run made ...
+    again = main(_argv(tmp_path, "--serve", "qwen2.5-coder-0.5b-instruct", "--report-only"))
+    assert events == ["start", "stop"]
+    assert {(c["optimizer"], c["seed"]) for c in again["cells"]} == served
+    assert again["meta"]["target"] == "qwen2.5-coder-0.5b-instruct"
+    # ... as does the same server named through --api-base/--model; another model's report has none of them.
+    same = main(_argv(tmp_path, "--api-base", "http://127.0.0.1:8100/v1", "--model", "qwen2.5-coder-0.5b-instruct",
+                      "--report-only"))
+    assert {(c["optimizer"], c["seed"]) for c in same["cells"]} == served
+    assert main(_argv(tmp_path, "--serve", "other-model", "--report-only"))["cells"] == []
     with pytest.raises(SystemExit):
         main(_argv(tmp_path, "--serve", "x", "--api-base", "http://127.0.0.1:1/v1", "--model", "m"))
 

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="dev", choices=["dev", "test"], help="fixed split (default: %(default)s)")
     ev.add_argument("--limit", type=int, default=20)
     ev.add_argument("--compiled", default=None, help="folder written by `trprompt compile` / save_compiled")
+    ev.add_argument("--prompt-backend", default="hf", choices=["hf", "vllm"],
+                    help="how the compiled program's prompt model runs: in-process transformers (hf) or a vLLM "
+                         "server with the adapter loaded at run time (vllm; --prompt-api-base, or one is started)")
+    ev.add_argument("--prompt-api-base", default=None,
+                    help="running vLLM server for --prompt-backend vllm (started with --enable-lora)")
 
     comp = sub.add_parser("compile", help="compile a program with TRPromptOptimizer and save it")
     _add_data_args(comp)
@@ -141,10 +146,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     program = load_program(args.program)
     if args.compiled:
         from trprompt_dspy.artifact import load_compiled
-        from trprompt_dspy.prompt_model.hf import HFPromptModel
 
-        program = load_compiled(program, args.compiled, prompt_model_factory=lambda desc, adapter: HFPromptModel(
-            desc.get("base_model") or "smollm2-135m-instruct", adapter_path=adapter))
+        program = load_compiled(program, args.compiled, prompt_model_factory=_prompt_model_factory(args))
     data = load_fixed_split(args.dataset, args.split, data_dir=args.data_dir, source=args.source, limit=args.limit)
     lm = make_target_lm(args)
     with dspy.context(lm=lm):
@@ -152,6 +155,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                display_progress=True, max_errors=len(data) + 1)(program)
     print(f"{args.dataset} {args.split} (n={len(data)}): accuracy {result.score:.1f}%")
     return 0
+
+
+def _prompt_model_factory(args: argparse.Namespace):
+    """Builds the compiled program's prompt model on the backend ``--prompt-backend`` names."""
+    if args.prompt_api_base and args.prompt_backend != "vllm":
+        raise SystemExit("--prompt-api-base needs --prompt-backend vllm.")
+
+    def build(desc: dict, adapter: str | None):
+        base = desc.get("base_model") or "smollm2-135m-instruct"
+        if args.prompt_backend == "vllm":
+            from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+
+            return VLLMPromptModel(base, base_url=args.prompt_api_base, adapter_path=adapter,
+                                   max_concurrency=max(1, args.num_threads))
+        from trprompt_dspy.prompt_model.hf import HFPromptModel
+
+        return HFPromptModel(base, adapter_path=adapter)
+
+    return build
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:

@@ -407,7 +407,7 @@ class TextualRewardModel:
             The same rollout objects, in the same order.
         """
         from trprompt_dspy.faults import classify_error
-        from trprompt_dspy.rollouts import parallel_map
+        from trprompt_dspy.parallel import parallel_map
 
         self._resolve_lm()  # fail early and clearly when no LM is configured
 
