@@ -320,8 +320,11 @@ def compile_contender(name: str, plan: Plan, student: dspy.Module, ci: CompileIn
         if name == "copro":
             opt = dspy.COPRO(prompt_model=ci.aux, metric=ci.metric, breadth=s["breadth"], depth=s["depth"],
                              init_temperature=float(ci.extra.get("copro_temperature", 1.4)))
-            return opt.compile(student, trainset=train[: s["train_size"]],
-                               eval_kwargs={"num_threads": ci.num_threads, "display_progress": False})
+            # A failed program call scores 0 (as in every other contender) instead of aborting COPRO's whole
+            # evaluation after dspy's default 10 errors (a 0.5B target breaks the output format that often).
+            with dspy.context(max_errors=s["train_size"] + 1):  # COPRO's Evaluate inherits it
+                return opt.compile(student, trainset=train[: s["train_size"]],
+                                   eval_kwargs={"num_threads": ci.num_threads, "display_progress": False})
         if name == "mipro":
             opt = dspy.MIPROv2(metric=ci.metric, prompt_model=ci.aux, task_model=ci.target, auto=s["auto"],
                                num_candidates=s.get("num_candidates"), max_bootstrapped_demos=4, max_labeled_demos=4,

@@ -162,6 +162,23 @@ def test_copro_measured_calls_match_the_plan():
     assert meter.calls("compile", role="aux") == 1 + 2  # (breadth - 1) + (depth - 1) * breadth proposals
 
 
+
+def test_copro_scores_broken_outputs_as_failures_instead_of_aborting():
+    """A target that breaks the output format on most examples (like the 0.5B model) does not abort COPRO."""
+
+    def mostly_broken(system: str, user: str) -> str:
+        q = re.findall(r"\[\[ ## question ## \]\]\n(\d+)", user)
+        return arithmetic_responder(system, user) if q and int(q[-1]) % 5 == 0 else "I cannot format this."
+
+    train = [dspy.Example(question=f"{i} + 2", answer=str(i + 2)).with_inputs("question") for i in range(30)]
+    plan = plan_contender("copro", PlanInput(num_predictors=1, train_size=len(train), dev_size=5, budget=400))
+    assert plan.settings["train_size"] > 10  # more broken examples than dspy's default max_errors (10)
+    ci = CompileInput(target=scripted_lm(mostly_broken), aux=scripted_lm(arithmetic_responder),
+                      metric=lambda g, p, t=None: g.answer == p.answer, feedback_metric=None, trainset=train,
+                      devset=train[:5], seed=0, num_threads=1, work_dir=None)
+    compiled = compile_contender("copro", plan, dspy.Predict("question -> answer"), ci)
+    assert compiled is not None and compiled.predictors()
+
 # ---------------------------------------------------------------------------------------------------
 # End to end on a scripted LM
 # ---------------------------------------------------------------------------------------------------
