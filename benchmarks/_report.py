@@ -77,6 +77,21 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _predicted(value: Any) -> str:
+    """The planner's estimate for the table: one number, a range when seeds differ, or a dash.
+
+    Example:
+        >>> _predicted(214), _predicted([231, 229]), _predicted(None)
+        ('214', '229–231', '—')
+    """
+    if value is None:
+        return "—"
+    if isinstance(value, list):
+        nums = [v for v in value if isinstance(v, int | float)]
+        return f"{min(nums):.0f}–{max(nums):.0f}" if nums else "—"
+    return str(value)
+
+
 def _outcome_rows(cells: list[dict[str, Any]], seeds: list[int]) -> list[list[int]]:
     by_seed = {c["seed"]: c for c in cells}
     rows = []
@@ -155,7 +170,7 @@ def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: d
                 continue
             lines.append(
                 f"| {r['label']} | {_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])} | {r['seeds']} "
-                f"| {r['calls_mean']:.0f} | {r['predicted_calls'] if r['predicted_calls'] is not None else '—'} "
+                f"| {r['calls_mean']:.0f} | {_predicted(r['predicted_calls'])} "
                 f"| {r['program_calls_mean']:.0f} / {r['aux_calls_mean']:.0f} "
                 f"| {r['input_tokens_mean']:.0f} / {r['output_tokens_mean']:.0f} "
                 f"| {r['compile_wall_s_mean']:.0f} | {r['eval_wall_s_mean']:.0f} |")

@@ -354,3 +354,9 @@ def test_markdown_table_rows_stay_on_one_line_for_multiline_errors():
     md = markdown_report({"name": "t"}, summarize(cells), {})
     row = next(line for line in md.splitlines() if line.startswith("| COPRO"))
     assert "AdapterParseError: failed to parse. LM Response: a \\| b" in row and row.endswith("|")
+
+
+def test_report_shows_the_planner_estimate_as_a_range_when_seeds_differ():
+    from benchmarks._report import _predicted
+
+    assert (_predicted(214), _predicted([231, 229]), _predicted(None)) == ("214", "229–231", "—")
