@@ -84,8 +84,6 @@ def _hf_steps(model, tok, request: InstructionRequest) -> Steps:
 
 def _close(a: Steps, b: Steps, eos_ids: set[int]) -> tuple[bool, str]:
     """vLLM's ``check_logprobs_close``: identical, or each side's token in the other's top-k where they part."""
-    a = [s for s in a if s[0] not in eos_ids] + [s for s in a if s[0] in eos_ids][:1]
-    b = [s for s in b if s[0] not in eos_ids] + [s for s in b if s[0] in eos_ids][:1]
     for i, ((ta, top_a), (tb, top_b)) in enumerate(zip(a, b, strict=False)):
         if ta != tb:
             return ta in top_b and tb in top_a, f"part at step {i}: {ta} vs {tb}"
@@ -97,10 +95,9 @@ def _close(a: Steps, b: Steps, eos_ids: set[int]) -> tuple[bool, str]:
 
 def _parity(server_url: str, vllm_model: str, hf, reqs: list[InstructionRequest]) -> list[tuple[bool, str]]:
     tok = hf.tokenizer
-    eos = {tok.eos_token_id, *([hf.model.generation_config.eos_token_id] if isinstance(
-        hf.model.generation_config.eos_token_id, int) else (hf.model.generation_config.eos_token_id or []))}
-    return [_close(_vllm_steps(server_url, vllm_model, r), _hf_steps(hf.model, tok, r), eos - {None})
-            for r in reqs]
+    gen_eos = hf.model.generation_config.eos_token_id  # an id, a list of ids, or None
+    eos = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+    return [_close(_vllm_steps(server_url, vllm_model, r), _hf_steps(hf.model, tok, r), eos) for r in reqs]
 
 
 def test_real_vllm_server_lora_and_parity_with_hf(vllm_python, tmp_path):
