@@ -65,7 +65,7 @@ docs: install
 # The cost profile (pytest-benchmark; vLLM parts skip when no server can start), then the optimizer comparison
 # (resumable: cells already in benchmarks/results/<out>.cells.jsonl are not re-run). Hours on CPU: see benchmarks/README.md.
 # The defaults rebuild the recorded comparison (its cells are in benchmarks/results, so nothing is re-run);
-# a new BENCH_OUT runs it from scratch (about 2 h per dataset and seed on 2 cores).
+# a new BENCH_OUT runs it from scratch (3 h or more per dataset and seed on 2 cores; see benchmarks/README.md).
 BENCH_OUT ?= compare-vllm-qwen0.5b-2026-11-28
 BENCH_ARGS ?= --serve qwen2.5-coder-0.5b-instruct --dataset gsm8k --dataset gsmhard --seeds 0 1 \
 	--train-size 48 --dev-size 24 --test-size 50 --num-threads 8 --copro-temperature 0.7
