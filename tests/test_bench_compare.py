@@ -162,7 +162,6 @@ def test_copro_measured_calls_match_the_plan():
     assert meter.calls("compile", role="aux") == 1 + 2  # (breadth - 1) + (depth - 1) * breadth proposals
 
 
-
 def test_copro_scores_broken_outputs_as_failures_instead_of_aborting():
     """A target that breaks the output format on most examples (like the 0.5B model) does not abort COPRO."""
 
@@ -292,7 +291,7 @@ def test_serve_flag_runs_against_a_server_it_starts_and_stops(tmp_path, monkeypa
     assert events == ["start", "stop"]
     assert report["meta"]["api_base"] == "http://127.0.0.1:9/v1"
     served = {(c["optimizer"], c["seed"]) for c in report["cells"]}
-    assert served and events == ["start", "stop"]
+    assert served
     # --report-only with --serve starts nothing and reports exactly the cells the served run made ...
     again = main(_argv(tmp_path, "--serve", "qwen2.5-coder-0.5b-instruct", "--report-only"))
     assert events == ["start", "stop"]

@@ -11,6 +11,7 @@ import pytest
 from dspy.utils import DummyLM
 
 from trprompt_dspy.metric_adapter import MetricAdapter, MetricResult, MetricValueError, check_metric_arity
+from trprompt_dspy.parallel import derive_seed, parallel_map
 from trprompt_dspy.program import install_query_aware
 from trprompt_dspy.prompt_model.base import SFTExample
 from trprompt_dspy.prompt_model.fake import FakePromptModel
@@ -19,9 +20,7 @@ from trprompt_dspy.rollouts import (
     EvalResult,
     Rollout,
     build_sft_examples,
-    derive_seed,
     evaluate_program,
-    parallel_map,
     run_rollouts,
 )
 

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL
+
 __all__ = ["main", "load_program", "build_parser"]
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--train-size", type=int, default=48)
     comp.add_argument("--val-size", type=int, default=None)
     comp.add_argument("--auto", default="light", choices=["light", "medium", "heavy"])
-    comp.add_argument("--prompt-model", default="smollm2-135m-instruct")
+    comp.add_argument("--prompt-model", default=DEFAULT_PROMPT_MODEL)
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--log-dir", default=None, help="checkpoint folder (re-run with it to resume)")
     comp.add_argument("--out", required=True, help="folder for the compiled program")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", action="store_true",
                       help="reuse DSPy's response cache for the target (faster re-runs; the report's times are then "
                            "not real)")
-    demo.add_argument("--prompt-model", default="smollm2-135m-instruct",
+    demo.add_argument("--prompt-model", default=DEFAULT_PROMPT_MODEL,
                       help="prompt model preset / HF id / folder (default: %(default)s)")
     demo.add_argument("--train-size", type=int, default=48)
     demo.add_argument("--eval-size", type=int, default=40)
@@ -163,7 +165,7 @@ def _prompt_model_factory(args: argparse.Namespace):
         raise SystemExit("--prompt-api-base needs --prompt-backend vllm.")
 
     def build(desc: dict, adapter: str | None):
-        base = desc.get("base_model") or "smollm2-135m-instruct"
+        base = desc.get("base_model") or DEFAULT_PROMPT_MODEL
         if args.prompt_backend == "vllm":
             from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
 

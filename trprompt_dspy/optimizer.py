@@ -28,6 +28,7 @@ from dspy.teleprompt import Teleprompter
 
 from trprompt_dspy.checkpoint import RunDirectory
 from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL
 from trprompt_dspy.prompt_model.base import PromptModel
 from trprompt_dspy.usage import UsageMeter
 from trprompt_dspy.validation import (
@@ -176,7 +177,7 @@ class TRPromptOptimizer(Teleprompter):
         )
         self.auto = auto
         if prompt_model is None or isinstance(prompt_model, (str, Path)):
-            _check_model_reference(str(prompt_model or "smollm2-135m-instruct"))
+            _check_model_reference(str(prompt_model or DEFAULT_PROMPT_MODEL))
         elif not isinstance(prompt_model, PromptModel):
             raise TypeError(
                 "prompt_model must be a PromptModel (e.g. HFPromptModel(...)), a model preset name, an HF id "
@@ -311,7 +312,7 @@ class TRPromptOptimizer(Teleprompter):
     def _resolve_prompt_model(self) -> PromptModel:
         if isinstance(self.prompt_model, PromptModel):
             return self.prompt_model
-        ref = str(self.prompt_model or "smollm2-135m-instruct")
+        ref = str(self.prompt_model or DEFAULT_PROMPT_MODEL)
         if ref.startswith(VLLM_PREFIX):  # "vllm:<model>": generation on a vLLM server started on first use
             from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
 

@@ -52,8 +52,6 @@ __all__ = [
     "run_rollouts",
     "evaluate_program",
     "build_sft_examples",
-    "derive_seed",
-    "parallel_map",
     "json_safe",
 ]
 
