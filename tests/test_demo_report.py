@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -17,19 +16,27 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def fake_stack(monkeypatch):
+    """ModelStack with a scripted target and the fake prompt model instead of servers (its checks stay real)."""
+    from trprompt_dspy.stack import ModelStack
+
     events: list[str] = []
 
-    @contextlib.contextmanager
-    def stack(**kwargs):
-        events.append(f"start backend={kwargs['backend']} pm={kwargs['need_prompt_model']}")
-        pm = FakePromptModel(template="Work through {predictor} step by step and give the number.")
-        try:
-            yield demo_mod._Stack(lm=scripted_lm(arithmetic_responder), prompt_model=pm, num_threads=2,
-                                  servers={"target": {"model": "scripted", "base_url": "http://x", "startup_seconds": 0}})
-        finally:
-            events.append("stop")
+    def start(self):
+        if self.target_lm is None:
+            events.append(f"start backend={self.backend} pm={self.need_prompt_model}")
+            self.target_lm = scripted_lm(arithmetic_responder)
+            self.prompt_model = (FakePromptModel(template="Work through {predictor} step by step and give the number.")
+                                 if self.need_prompt_model else None)
+            self.servers = {"target": {"model": "scripted", "base_url": "http://x", "startup_seconds": 0}}
+        return self
 
-    monkeypatch.setattr(demo_mod, "_model_stack", stack)
+    def close(self):
+        if self.target_lm is not None:
+            events.append("stop")
+            self.target_lm = None
+
+    monkeypatch.setattr(ModelStack, "start", start)
+    monkeypatch.setattr(ModelStack, "close", close)
     return events
 
 
@@ -69,11 +76,10 @@ def test_demo_rejects_bad_options_before_starting_anything(tmp_path, fake_stack,
     assert fake_stack == []
 
 
-def test_api_backend_needs_a_url(tmp_path):
-    stack = demo_mod._model_stack(backend="api", target="t", prompt_model="p", api_base=None, api_key="k",
-                                  max_tokens=8, num_threads=None, need_prompt_model=False, log_dir=tmp_path)
+def test_api_backend_needs_a_url(tmp_path, fake_stack):
     with pytest.raises(ValueError, match="needs api_base"):
-        stack.__enter__()
+        demo_mod.run_demo(backend="api", runs_dir=tmp_path)
+    assert fake_stack == []
 
 
 def test_paired_outcomes_and_mcnemar():

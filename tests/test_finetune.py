@@ -139,6 +139,10 @@ def test_labels_mask_every_prompt_token(base):
         assert completion == ids_real[n_prompt:]
         text = tok.decode(completion)
         assert text.startswith(examples[k].instruction) and "<|im_end|>" in text  # learns to stop
+        from trprompt_dspy.models.hf_runtime import terminator_ids
+
+        # the completion carries a token generation stops at, so a trained adapter ends its instruction
+        assert set(completion) & terminator_ids(model, tok)
         assert all(labels[i] == -100 for i, m in enumerate(mask) if not m), "padding must not carry loss"
     assert seen == {0, 1, 2, 3}
 

@@ -108,7 +108,7 @@ def test_lazy_model_satisfies_protocol_and_copies_share():
     pm = HFPromptModel("smollm2")  # alias, resolved to the preset name; nothing loads here
     assert isinstance(pm, PromptModel)
     assert copy.deepcopy(pm) is pm and copy.copy(pm) is pm
-    assert pm.describe() == {"backend": "hf", "base_model": PRESET, "adapter_path": None, "dtype": "bfloat16",
+    assert pm.describe() == {"backend": "hf", "base_model": PRESET, "adapter_path": None, "dtype": "auto",
                              "device": None}
     assert pm.generate([]) == []
     with pytest.raises(TypeError, match="wrap a single request in a list"):

@@ -125,7 +125,7 @@ def test_writer_sends_build_messages_without_deprecated_apis():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         out = writer.generate([REQ, REQ2], n=3)
-    assert out == [["Instruction #None at T=0.0 max=128"] * 3] * 2
+    assert out == [["Instruction #None at T=0.0 max=48"] * 3] * 2
     assert len(engine.requests) == 2  # greedy: one call per request, repeated n times
     expected = build_messages(REQ)
     sent = engine.requests[0]
@@ -147,7 +147,7 @@ def test_writer_sampling_uses_seeds_and_rollout_ids():
 
 def test_writer_failures_one_bad_request_vs_systemic():
     writer, _, _ = make_writer(fail_if="7 * 6")
-    assert writer.generate([REQ, REQ2]) == [["Instruction #None at T=0.0 max=128"], [""]]
+    assert writer.generate([REQ, REQ2]) == [["Instruction #None at T=0.0 max=48"], [""]]
     with pytest.raises(RuntimeError, match="all 2 calls to 'local/writer' failed"):
         writer.generate([REQ2, REQ2])
 
@@ -173,7 +173,7 @@ def test_writer_drives_a_query_aware_program():
     program = install_query_aware(dspy.ChainOfThought("question -> answer"), prompt_model=writer,
                                   optimal_reward="Correct.")
     pred = program(question="2+3?")
-    assert pred.answer == "5" and pred.query_instruction == "Instruction #None at T=0.0 max=128"
+    assert pred.answer == "5" and pred.query_instruction == "Instruction #None at T=0.0 max=48"
     assert "Predictor: predict" in engine.requests[-1].messages[-1].text
     assert "question: 2+3?" in engine.requests[-1].messages[-1].text
     assert pred.query_instruction in target.history[-1]["messages"][0]["content"]

@@ -139,7 +139,7 @@ def test_real_vllm_server_lora_and_parity_with_hf(vllm_python, tmp_path):
         assert adapter_lm("hello")[0] is not None
 
         # 3. Same adapter in transformers: greedy decodes agree up to near-ties (see the module docstring).
-        hf = HFPromptModel(PRESET, adapter_path=result.adapter_path, dtype="bfloat16", max_batch_size=1)
+        hf = HFPromptModel(PRESET, adapter_path=result.adapter_path, dtype=server.resolved_dtype, max_batch_size=1)
         checks = _parity(server.base_url, pm.active_model, hf, reqs)
         print("adapter parity:", checks)
         assert all(ok for ok, _ in checks), checks
@@ -163,3 +163,51 @@ def test_real_vllm_server_lora_and_parity_with_hf(vllm_python, tmp_path):
     alive = [p for p in pids if (st := _proc_stat(p)) is not None and st[0] not in ("Z", "X")]
     assert alive == [], f"vLLM processes survived stop(): {alive}"
     print(f"server test took {time.perf_counter() - t_start:.1f} s (startup {server.startup_seconds} s)")
+
+
+def test_single_base_stack_serves_target_and_prompt_model_from_one_server(vllm_python, tmp_path):
+    """ModelStack in single-base mode: one vLLM process serves the target (base name) and the prompt model (a
+    LoRA adapter loaded at run time); a saved compiled program writes identical greedy instructions on reload."""
+    import dspy
+
+    from trprompt_dspy.artifact import load_compiled, save_compiled
+    from trprompt_dspy.program import install_query_aware
+    from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
+    from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+    from trprompt_dspy.stack import ModelStack, local_base_of
+
+    stack = ModelStack(PRESET, max_tokens=16, num_threads=8, log_dir=tmp_path / "logs",
+                       max_lora_rank=8, server_options={"python": vllm_python, "device": "cpu",
+                                       "startup_timeout": 900})
+    assert stack.single_base
+    with stack:
+        assert list(stack.servers) == ["target"] and stack.servers["target"]["lora"] is True
+        pm = stack.prompt_model
+        assert isinstance(pm, VLLMPromptModel) and pm.base_url == stack.servers["target"]["base_url"]
+        assert local_base_of(stack.target_lm).lora and stack.reward_lm is stack.textgrad_lm is stack.target_lm
+        reqs = _requests()
+        examples = [SFTExample(r, TRAINED) for r in reqs] + [SFTExample(r, TRAINED) for r in reqs[:2]]
+        result = pm.train(examples, output_dir=tmp_path / "adapter", lora=LoraSettings(r=8),
+                          sft=SFTSettings(learning_rate=2e-3, num_train_epochs=4, max_length=384), seed=0)
+        served = dspy.LM("openai/x", api_base=pm.base_url, api_key="EMPTY")  # the same process lists both
+        from trprompt_dspy.serving.http import get_json
+
+        names = [c["id"] for c in get_json(f"{served.kwargs['api_base']}/models", timeout=30)["data"]]
+        assert PRESET in names and pm.active_model in names
+        tuned = pm.generate(reqs, max_new_tokens=32)
+        assert sum(t[0].startswith("INSTRUCTION") for t in tuned) >= 4, tuned
+        # the target keeps answering from the base weights on the same server
+        assert stack.target_lm("What is 2 + 3? Reply with the number only.", temperature=0.0)[0].strip()
+
+        program = install_query_aware(dspy.Predict("question -> answer"),
+                                      prompt_model=PinnedPromptModel(pm, result.adapter_path),
+                                      optimal_reward="The response is correct.")
+        save_compiled(program, tmp_path / "artifact")
+        instructions = [program.predictors()[0].prompt_model.generate([r], max_new_tokens=32)[0][0] for r in reqs]
+        reloaded = load_compiled(dspy.Predict("question -> answer"), tmp_path / "artifact",
+                                 prompt_model_factory=stack.prompt_model_for)
+        again = [reloaded.predictors()[0].prompt_model.generate([r], max_new_tokens=32)[0][0] for r in reqs]
+        assert again == instructions
+        pm.load_adapter(None)  # a later compile starting from the bare base leaves the saved program pinned
+        assert [reloaded.predictors()[0].prompt_model.generate([r], max_new_tokens=32)[0][0] for r in reqs] == \
+            instructions

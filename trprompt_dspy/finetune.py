@@ -101,12 +101,13 @@ def build_sft_records(examples: Sequence[SFTExample]) -> list[dict[str, Any]]:
 
 
 def bf16_supported(device: str = "cpu") -> bool:
-    """Whether bf16 compute is native on ``device`` (CUDA: ``is_bf16_supported``; CPU: AVX512-BF16 or AMX)."""
-    torch = require("torch", extra="train")
-    if str(device).startswith("cuda"):
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if callable(check))
+    """Whether bf16 compute is native on ``device`` (GPU: compute capability 8.0+; CPU: AVX512-BF16 or AMX).
+
+    One rule for serving, the in-process engine and training: :func:`trprompt_dspy.models.dtype.native_bf16`.
+    """
+    from trprompt_dspy.models.dtype import native_bf16
+
+    return native_bf16(str(device))
 
 
 def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
@@ -337,12 +338,12 @@ def _publish(staging: Path, output_dir: Path) -> None:
 
 
 def _load_base(base_model: str | os.PathLike[str]) -> tuple[Any, Any]:
-    """Load a base model for training: bf16 when the hardware computes bf16 natively, else float32."""
+    """Load a base model for training in the dtype that fits the hardware (``dtype="auto"``)."""
     torch = require("torch", extra="train")
     from trprompt_dspy.models.hf_runtime import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_causal_lm(base_model, dtype="bfloat16" if bf16_supported(device) else "float32", device=device)
+    return load_causal_lm(base_model, dtype="auto", device=device)
 
 
 def train_lora(

@@ -76,6 +76,9 @@ class TRPromptRun:
 
         self.gpm = GuardedPromptModel(prompt_model, retry=self.retry, max_chars=MAX_INSTRUCTION_CHARS,
                                       count=meter.fail)
+        from trprompt_dspy.prompt_model.base import instruction_stats
+
+        self._instructions_at_start = instruction_stats(prompt_model)
 
     # -- orchestration ---------------------------------------------------------------------------
     def execute(self) -> dspy.Module:
@@ -388,10 +391,15 @@ class TRPromptRun:
         self.errors.record(phase, total=len(rollouts), failures=kinds, log_dir=self.run_dir.root)
 
     def _finalize(self, program: dspy.Module) -> None:
-        from trprompt_dspy.program import query_aware_predictors
+        from trprompt_dspy.program import attach_prompt_model, query_aware_predictors
+        from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
 
         best_adapter = self.run_dir.iter_dir(self.best["iteration"]) / "adapter"
-        self.pm.load_adapter(best_adapter if best_adapter.is_dir() else None)
+        chosen = best_adapter if best_adapter.is_dir() else None
+        self.pm.load_adapter(chosen)
+        # The compiled program owns its adapter: a later compile with the same prompt model object (which
+        # starts from the bare base) must not change what this program writes.
+        attach_prompt_model(program, PinnedPromptModel(self.pm, None if chosen is None else str(chosen)))
         program.trprompt_adapter = str(best_adapter)
         for _, p in query_aware_predictors(program):
             p.optimal_reward = self.best.get("t_star") or self.t_star
@@ -410,7 +418,26 @@ class TRPromptRun:
             t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
             failures=snap["failures"], seed=self.opt.seed, log_dir=str(self.run_dir.root),
             budget=dict(self.budget.__dict__), seconds=time.perf_counter() - self.started,
+            instructions=self._instruction_counts(), prompt_model=self._describe_pm(),
         )
+
+    def _instruction_counts(self) -> dict[str, Any]:
+        from trprompt_dspy.prompt_model.base import instruction_stats
+
+        now, start = instruction_stats(self.pm), self._instructions_at_start
+        if now is None or start is None:
+            return {}
+        made, capped = now["instructions"] - start["instructions"], now["hit_cap"] - start["hit_cap"]
+        return {"instructions": made, "hit_cap": capped, "hit_cap_rate": round(capped / made, 4) if made else 0.0,
+                "max_instruction_tokens": self.opt.max_instruction_tokens}
+
+    def _describe_pm(self) -> dict[str, Any]:
+        from trprompt_dspy.rollouts import json_safe
+
+        try:
+            return json_safe(self.pm.describe())
+        except Exception:  # noqa: BLE001 - a description is informative only
+            return {"repr": repr(self.pm)}
 
     def _save_state(self) -> None:
         self.run_dir.write_json(self.run_dir.root / "state.json", {

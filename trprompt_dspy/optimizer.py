@@ -28,8 +28,7 @@ from dspy.teleprompt import Teleprompter
 
 from trprompt_dspy.checkpoint import RunDirectory
 from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
-from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL
-from trprompt_dspy.prompt_model.base import PromptModel
+from trprompt_dspy.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptModel
 from trprompt_dspy.usage import UsageMeter
 from trprompt_dspy.validation import (
     check_number,
@@ -51,10 +50,6 @@ DEFAULT_INITIAL_REWARD = (
 )
 
 
-#: ``prompt_model="vllm:<preset or folder>"`` selects the vLLM backend (:class:`~trprompt_dspy.prompt_model.vllm.VLLMPromptModel`).
-VLLM_PREFIX = "vllm:"
-
-
 class TRPromptOptimizer(Teleprompter):
     """Compile a DSPy program so a small trained prompt model writes a per-query instruction.
 
@@ -68,12 +63,17 @@ class TRPromptOptimizer(Teleprompter):
         metric: ``metric(example, pred, trace=None) -> float | bool``, or a GEPA-style feedback metric
             returning ``dspy.Prediction(score=..., feedback=...)``; the feedback text is shown to the
             reward model.
-        prompt_model: A :class:`~trprompt_dspy.prompt_model.base.PromptModel`, or a model preset / HF id /
-            local path for the default HF transformers + PEFT backend (prefix it with ``"vllm:"``, e.g.
-            ``"vllm:smollm2-135m-instruct"``, to generate on a vLLM server instead). Default: ``"smollm2-135m-instruct"``.
-            A compile starts from the bare base weights (any active adapter is unloaded) and leaves the
-            best iteration's adapter active; the compiled program uses this object, so compile different
-            programs with different prompt-model objects if you need both at once.
+        prompt_model: Who writes the instructions. ``"auto"`` (default) is **single-base mode** whenever the
+            target LM runs on local weights built by this library (``ModelStack``, ``VLLMServer.dspy_lm()`` with
+            LoRA enabled, ``models.local_lm``): Π is a LoRA adapter on the target's own weights, served by the
+            same vLLM server (the paper runs one model in every role). For any other target it is
+            ``"smollm2-135m-instruct"`` in-process. ``"same"`` asks for single-base mode (an error when the
+            target has no local weights); a preset / HF id / folder picks a separate in-process model
+            (``"vllm:<model>"``: on its own vLLM server); a
+            :class:`~trprompt_dspy.prompt_model.base.PromptModel` object is used as given. Each compile
+            builds its own prompt model from a name; an object is shared, but each compiled program is
+            pinned to its own adapter (:class:`~trprompt_dspy.prompt_model.pinned.PinnedPromptModel`), so a
+            later compile never changes an earlier compiled program.
         reward_lm: The textual reward model R. Default: the target LM (the student's LM or ``dspy.settings.lm``).
         textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``.
         seed_lm: If set, iteration 0's instructions come from this (stronger) ``dspy.LM`` instead of the
@@ -93,7 +93,8 @@ class TRPromptOptimizer(Teleprompter):
         initial_reward: t*_0, the description of an ideal outcome.
         predictors: Names of the predictors to make query-aware (default: all).
         sampling_temperature: Π's temperature when sampling instructions for rollouts.
-        max_instruction_tokens: Cap on the length of each generated instruction.
+        max_instruction_tokens: Token budget of each generated instruction (default 48: one or two complete
+            sentences; the share that hits it is ``detailed_results.instructions["hit_cap_rate"]``).
         num_threads: Parallel program runs (keeps batching backends busy).
         failure_score: Score given to a rollout whose program run raised.
         max_retries: Retries of a call that failed transiently (timeout, HTTP 5xx, dropped connection, rate
@@ -128,7 +129,7 @@ class TRPromptOptimizer(Teleprompter):
         metric: Callable[..., Any],
         *,
         # Models
-        prompt_model: PromptModel | str | Path | None = "smollm2-135m-instruct",
+        prompt_model: PromptModel | str | Path | None = "auto",
         reward_lm: dspy.BaseLM | None = None,
         textgrad_lm: dspy.BaseLM | None = None,
         seed_lm: dspy.BaseLM | None = None,
@@ -148,7 +149,7 @@ class TRPromptOptimizer(Teleprompter):
         initial_reward: str = DEFAULT_INITIAL_REWARD,
         predictors: Sequence[str] | None = None,
         sampling_temperature: float = 0.9,
-        max_instruction_tokens: int = 128,
+        max_instruction_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
         # Execution
         num_threads: int = 1,
         failure_score: float = 0.0,
@@ -176,13 +177,9 @@ class TRPromptOptimizer(Teleprompter):
             max_metric_calls,
         )
         self.auto = auto
-        if prompt_model is None or isinstance(prompt_model, (str, Path)):
-            _check_model_reference(str(prompt_model or DEFAULT_PROMPT_MODEL))
-        elif not isinstance(prompt_model, PromptModel):
-            raise TypeError(
-                "prompt_model must be a PromptModel (e.g. HFPromptModel(...)), a model preset name, an HF id "
-                f"or a local path; got {type(prompt_model).__name__}."
-            )
+        from trprompt_dspy.stack import check_prompt_model_spec
+
+        check_prompt_model_spec(prompt_model)
         if isinstance(prompt_model, PromptModel) and not getattr(prompt_model, "trainable", True):
             raise TypeError(
                 f"prompt_model {type(prompt_model).__name__} cannot be fine-tuned; pass a trainable prompt model "
@@ -275,7 +272,10 @@ class TRPromptOptimizer(Teleprompter):
             check_servers_reachable([*(("target LM", lm) for lm in target_lms), ("reward_lm", reward_lm),
                                      ("textgrad_lm", textgrad_lm), ("seed_lm", self.seed_lm),
                                      ("prompt_model", self.prompt_model)])
-        prompt_model = self._resolve_prompt_model()
+        from trprompt_dspy.stack import resolve_prompt_model
+
+        prompt_model = resolve_prompt_model(self.prompt_model, target_lms[0],
+                                            max_concurrency=max(16, self.num_threads))
         run_dir = RunDirectory(log_dir, fingerprint=self._fingerprint(student, trainset, valset, prompt_model))
         meter = UsageMeter()
         for lm in target_lms:
@@ -309,20 +309,6 @@ class TRPromptOptimizer(Teleprompter):
             valset = [valset[i] for i in sorted(rng.sample(range(len(valset)), self.budget.val_size))]
         return trainset, valset
 
-    def _resolve_prompt_model(self) -> PromptModel:
-        if isinstance(self.prompt_model, PromptModel):
-            return self.prompt_model
-        ref = str(self.prompt_model or DEFAULT_PROMPT_MODEL)
-        if ref.startswith(VLLM_PREFIX):  # "vllm:<model>": generation on a vLLM server started on first use
-            from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
-
-            self.prompt_model = VLLMPromptModel(ref[len(VLLM_PREFIX):])
-            return self.prompt_model
-        from trprompt_dspy.prompt_model.hf import HFPromptModel
-
-        self.prompt_model = HFPromptModel(ref)
-        return self.prompt_model
-
     def _fingerprint(self, student: dspy.Module, trainset: list[dspy.Example], valset: list[dspy.Example],
                      prompt_model: PromptModel) -> dict[str, Any]:
         def digest(obj: Any) -> str:
@@ -352,24 +338,3 @@ class TRPromptOptimizer(Teleprompter):
 
     def get_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-
-def _check_model_reference(ref: str) -> None:
-    """Fail fast on a misspelt preset; HF ids (``org/name``) and existing paths are checked when loaded."""
-    if ref.startswith(VLLM_PREFIX):
-        ref = ref[len(VLLM_PREFIX):]
-    path = Path(ref).expanduser()
-    if path.exists():
-        return
-    looks_like_path = (ref.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path.is_absolute()
-                       or "\\" in ref or ref.count("/") > 1 or ref.endswith("/"))
-    if looks_like_path:
-        raise FileNotFoundError(
-            f"prompt_model path {ref!r} does not exist. Pass an existing model folder (with config.json), a "
-            "preset name (see trprompt_dspy.list_presets()) or a Hugging Face id such as 'org/name'."
-        )
-    if "/" in ref:  # an HF id: checked when loaded
-        return
-    from trprompt_dspy.models.presets import get_preset
-
-    get_preset(ref)  # raises UnknownModelError listing the presets

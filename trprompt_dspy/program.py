@@ -43,7 +43,7 @@ from typing import Any
 import dspy
 from dspy.primitives.module import set_attribute_by_name
 
-from trprompt_dspy.prompt_model.base import InstructionRequest, PromptModel
+from trprompt_dspy.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS, InstructionRequest, PromptModel
 
 __all__ = [
     "QueryAwarePredict", "InstructionCall", "instruction_context", "install_query_aware",
@@ -53,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GENERATION: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": 128}
+DEFAULT_GENERATION: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS}
 MAX_INSTRUCTION_CHARS = 1200
 MAX_VALUE_CHARS = 2000
 INSTRUCTION_KEY = "query_instruction"
@@ -222,7 +222,7 @@ class QueryAwarePredict(dspy.Predict):
 
     Saved state (``dump_state``/``load_state``, JSON): everything ``Predict`` saves plus
     ``optimal_reward`` (t*), ``role`` (the predictor name the prompt model sees) and ``generation``
-    (``{"temperature": 0.0, "max_new_tokens": 128}``). ``prompt_model`` is runtime-only; copies
+    (``{"temperature": 0.0, "max_new_tokens": 48}``, :data:`~trprompt_dspy.prompt_model.base.DEFAULT_MAX_INSTRUCTION_TOKENS`). ``prompt_model`` is runtime-only; copies
     (``deepcopy``/``reset_copy``) share it rather than copying model weights.
 
     Build one with :meth:`from_predict` or :func:`install_query_aware`.

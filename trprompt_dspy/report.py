@@ -190,7 +190,8 @@ def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), 
     n = results.get("eval_size")
     lines = ["# TRPrompt run report", "",
              f"Program `{results.get('program')}`, target `{results.get('target')}` "
-             f"(backend: {results.get('backend', 'n/a')}), prompt model `{results.get('prompt_model', 'n/a')}`. "
+             f"(backend: {results.get('backend', 'n/a')}), prompt model `{results.get('prompt_model', 'n/a')}`"
+             f"{' (single-base: a LoRA adapter on the target weights, one server)' if results.get('single_base') else ''}. "
              f"GSM8K: {results.get('train_size')} training examples, {n} held-out dev examples, "
              f"auto={results.get('auto')!r}, seed {results.get('seed')}.", "",
              "| program | accuracy (held-out) | correct |", "| --- | --- | --- |"]
@@ -212,7 +213,19 @@ def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), 
     servers = results.get("servers") or {}
     if servers:
         lines += ["", "Servers: " + "; ".join(f"{k}: {v.get('model')} at {v.get('base_url')}, started in "
-                                                 f"{v.get('startup_seconds')} s" for k, v in servers.items())]
+                                                 f"{v.get('startup_seconds')} s"
+                                                 + (f", {v['dtype']}" if v.get("dtype") else "")
+                                                 for k, v in servers.items())]
+    cpu = results.get("cpu")
+    if cpu:
+        lines += ["", f"CPU: {cpu.get('model')}, {cpu.get('cores')} cores, native bf16: {cpu.get('native_bf16')} "
+                      f"(flags: {', '.join(cpu.get('flags') or []) or 'none'})."]
+    capped = [(label, c) for label, c in (("compile", (results.get("compile_stats") or {}).get("instructions")),
+                                          ("held-out eval", results.get("compiled_instructions"))) if c]
+    if capped:
+        lines += ["", "Instructions that hit the token cap (end mid-sentence): " + "; ".join(
+            f"{label} {c['hit_cap']}/{c['instructions']} ({100 * c['hit_cap_rate']:.1f} %, cap "
+            f"{c.get('max_instruction_tokens')} tokens)" for label, c in capped) + "."]
     stats = results.get("compile_stats")
     if stats:
         lines += ["", "## Compile", "",

@@ -87,6 +87,10 @@ class TRPromptResult:
             instructions replaced by the base instructions / cut. ``<role>_lm_error``: failed LM calls per role.
         seed, log_dir, budget: How to reproduce the run.
         seconds: Total wall time of the compile.
+        instructions: Instructions the prompt model wrote during the compile and how many hit the token cap
+            (``{"instructions", "hit_cap", "hit_cap_rate", "max_instruction_tokens"}``; empty when the backend
+            does not report why generation stopped). A capped instruction ends mid-sentence.
+        prompt_model: The prompt model's description (backend, base weights, ``single_base``).
 
     Example:
         After a compile, ``compiled.detailed_results`` holds one of these:
@@ -110,6 +114,8 @@ class TRPromptResult:
     log_dir: str
     budget: dict[str, Any]
     seconds: float
+    instructions: dict[str, Any] = field(default_factory=dict)
+    prompt_model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from trprompt_dspy.models.batching import MicroBatcher
-from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, is_preset_name
+from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, get_preset, is_preset_name
 
 __all__ = ["TransformersEngine", "local_lm"]
 
@@ -81,7 +81,8 @@ class TransformersEngine:
 
     Args:
         model: Preset name, model folder, ``.gguf`` file or hub id (see ``resolve_model``).
-        dtype: ``"bfloat16"`` (default), ``"float32"``, ``"float16"`` or ``"auto"``.
+        dtype: ``"auto"`` (default: bfloat16 where native, else float32; :mod:`trprompt_dspy.models.dtype`),
+            ``"bfloat16"``, ``"float32"``, ``"float16"`` or ``"checkpoint"`` (the checkpoint's own dtype).
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         adapter_path: Optional PEFT (LoRA) adapter folder.
         max_batch_size: Most requests per ``generate`` call; 1 disables batching.
@@ -102,7 +103,7 @@ class TransformersEngine:
         0
     """
 
-    def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *, dtype: str = "bfloat16",
+    def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *, dtype: str = "auto",
                  device: str | None = None, adapter_path: str | os.PathLike[str] | None = None,
                  max_batch_size: int = 8, batch_wait_s: float = 0.02, default_max_tokens: int = 512,
                  allow_download: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None,
@@ -365,7 +366,11 @@ def local_lm(name_or_path: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *, max
     """
     import dspy
 
+    from trprompt_dspy.stack import LocalBase, mark_local_base
+
     engine = TransformersEngine(name_or_path, default_max_tokens=max_tokens, **engine_kw)
-    return dspy.LM(f"local/{_label(name_or_path)}", engine=engine, max_tokens=max_tokens, temperature=temperature,
-                   cache=cache)
+    lm = dspy.LM(f"local/{_label(name_or_path)}", engine=engine, max_tokens=max_tokens, temperature=temperature,
+                 cache=cache)
+    ref = os.fspath(name_or_path)
+    return mark_local_base(lm, LocalBase(model=get_preset(ref).name if is_preset_name(ref) else ref))
 

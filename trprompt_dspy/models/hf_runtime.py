@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # Seeded sampling sets torch's global RNG; the lock keeps seed + generate atomic across threads.
 _RNG_LOCK = threading.Lock()
 _EXTRA_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-_DTYPES = ("bfloat16", "float16", "float32", "auto")
+_DTYPES = ("bfloat16", "float16", "float32", "auto", "checkpoint")
 
 
 @dataclass
@@ -61,23 +61,28 @@ class GenerationResult:
         return sum(self.completion_tokens)
 
 
-def _torch_dtype(torch: Any, dtype: Any) -> Any:
+def _torch_dtype(torch: Any, dtype: Any, device: str) -> Any:
     if not isinstance(dtype, str):
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES} or a torch.dtype, got {dtype!r}")
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "checkpoint":
+        return "auto"  # transformers' name for the checkpoint's own dtype
+    from trprompt_dspy.models.dtype import resolve_dtype
+
+    return getattr(torch, resolve_dtype(dtype, device=device))
 
 
-def load_causal_lm(path: str | os.PathLike[str], *, dtype: Any = "bfloat16", device: str | None = None,
+def load_causal_lm(path: str | os.PathLike[str], *, dtype: Any = "auto", device: str | None = None,
                    adapter_path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, ready for batched chat generation.
 
     Args:
         path: A model folder, a preset name, a ``.gguf`` file or a hub id (see
             :func:`trprompt_dspy.models.provision.resolve_model`).
-        dtype: ``"bfloat16"`` (default; fastest on CPUs with AVX512-BF16 and on GPUs), ``"float32"``,
-            ``"float16"``, ``"auto"`` (the checkpoint's dtype) or a ``torch.dtype``.
+        dtype: ``"auto"`` (default: bfloat16 where the hardware computes it natively, else float32; see
+            :mod:`trprompt_dspy.models.dtype`), ``"bfloat16"``, ``"float32"``, ``"float16"``,
+            ``"checkpoint"`` (the checkpoint's own dtype) or a ``torch.dtype``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
         adapter_path: A PEFT (LoRA) adapter folder to apply on top of the base model.
 
@@ -94,10 +99,12 @@ def load_causal_lm(path: str | os.PathLike[str], *, dtype: Any = "bfloat16", dev
     if adapter_path is not None and not os.path.isfile(os.path.join(os.fspath(adapter_path), "adapter_config.json")):
         raise FileNotFoundError(f"adapter_path {os.fspath(adapter_path)!r} is not a PEFT adapter folder (no "
                                 "adapter_config.json in it)")
-    torch_dtype = _torch_dtype(torch, dtype)
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES} or a torch.dtype, got {dtype!r}")
     folder = resolve_model(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = _torch_dtype(torch, dtype, device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

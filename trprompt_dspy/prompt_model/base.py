@@ -31,14 +31,23 @@ __all__ = [
     "TrainResult",
     "PromptModel",
     "SYSTEM_PROMPT",
+    "DEFAULT_MAX_INSTRUCTION_TOKENS",
     "build_messages",
     "check_generate_args",
+    "InstructionStats",
+    "instruction_stats",
 ]
+
+#: Token budget of one instruction (the optimizer's ``max_instruction_tokens`` and the compiled program's
+#: ``generation["max_new_tokens"]``). Short enough that the target's prompt grows by little, long enough for
+#: one or two complete sentences (the system prompt asks for under 40 words). The 135M prompt model at a
+#: 128-token cap ended 36 of 40 demo instructions mid-sentence.
+DEFAULT_MAX_INSTRUCTION_TOKENS = 48
 
 SYSTEM_PROMPT = (
     "You write instructions for another language model. Given a task, one query and a description of "
-    "the ideal outcome, write a short instruction (at most 4 sentences) telling the model how to handle "
-    "this specific query. Do not solve the query and never state its final answer."
+    "the ideal outcome, write one or two short sentences (under 40 words) telling the model how to handle "
+    "this specific query. Do not solve the query, do no arithmetic and never state its final answer."
 )
 
 
@@ -142,7 +151,7 @@ class PromptModel(Protocol):
         *,
         temperature: float = 0.0,
         n: int = 1,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
         seed: int | None = None,
     ) -> list[list[str]]: ...
 
@@ -164,12 +173,17 @@ class PromptModel(Protocol):
 
 
 def build_messages(request: InstructionRequest) -> list[dict[str, str]]:
-    """Render a request as chat messages; the same rendering is used for training and generation."""
+    """Render a request as chat messages; the same rendering is used for training and generation.
+
+    The query comes last: at inference every request of a predictor shares the system prompt, the
+    predictor, the task and t*, so a server with prefix caching (vLLM) computes that prefix once and
+    prefills only the query of each call.
+    """
     user = (
         f"Predictor: {request.predictor}\n"
         f"Task: {request.task}\n\n"
-        f"Query:\n{request.query}\n\n"
         f"Ideal outcome (textual reward):\n{request.reward}\n\n"
+        f"Query:\n{request.query}\n\n"
         "Write the instruction."
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
@@ -196,3 +210,44 @@ def check_generate_args(requests: Sequence[InstructionRequest], *, n: int, tempe
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
     return list(requests)
+
+
+class InstructionStats:
+    """Thread-safe counts of the instructions a backend wrote and of those cut at the token cap.
+
+    An instruction that hits ``max_new_tokens`` ends mid-sentence; the target then reads half a plan.
+    Backends that know why generation stopped (vLLM's ``finish_reason``, transformers' EOS) record it
+    here, and the optimizer and the demo report the rate (the goal is under 5 %).
+
+    Example:
+        >>> stats = InstructionStats()
+        >>> stats.record(hit_cap=False, prompt_tokens=180, completion_tokens=30)
+        >>> stats.record(hit_cap=True, completion_tokens=48)
+        >>> stats.snapshot()
+        {'instructions': 2, 'hit_cap': 1, 'prompt_tokens': 180, 'completion_tokens': 78}
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._counts = {"instructions": 0, "hit_cap": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def record(self, *, hit_cap: bool, count: int = 1, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """Count ``count`` instructions (``hit_cap``: they ended at the token cap) and the tokens they cost."""
+        with self._lock:
+            self._counts["instructions"] += count
+            self._counts["hit_cap"] += count if hit_cap else 0
+            self._counts["prompt_tokens"] += int(prompt_tokens)
+            self._counts["completion_tokens"] += int(completion_tokens)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def instruction_stats(prompt_model: Any) -> dict[str, int] | None:
+    """``{"instructions", "hit_cap", "prompt_tokens", "completion_tokens"}`` so far, for backends that count
+    them (``None`` for those that do not)."""
+    stats = getattr(prompt_model, "instruction_stats", None)
+    return stats.snapshot() if isinstance(stats, InstructionStats) else None

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample, TrainResult, check_generate_args
+from trprompt_dspy.prompt_model.base import (
+    DEFAULT_MAX_INSTRUCTION_TOKENS,
+    InstructionRequest,
+    InstructionStats,
+    SFTExample,
+    TrainResult,
+    check_generate_args,
+)
 
 __all__ = ["FakePromptModel", "FakeGenerateCall", "DEFAULT_TEMPLATE"]
 
@@ -129,6 +136,8 @@ class FakePromptModel:
         self._lock = threading.Lock()
         self._adapter_path: str | None = None
         self._memory: dict[InstructionRequest, str] = {}
+        #: Instructions written and how many were cut at ``max_new_tokens`` words.
+        self.instruction_stats = InstructionStats()
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -141,7 +150,7 @@ class FakePromptModel:
         *,
         temperature: float = 0.0,
         n: int = 1,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
         seed: int | None = None,
     ) -> list[list[str]]:
         """Return ``n`` instructions per request (see the class docstring for sampling)."""
@@ -276,6 +285,7 @@ class FakePromptModel:
                     rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
                 text = f"{base} (variant {rng.randrange(10**6):06d})"
             words = text.split(" ")
+            self.instruction_stats.record(hit_cap=len(words) > max_new_tokens)
             out.append(" ".join(words[:max_new_tokens]) if len(words) > max_new_tokens else text)
         return out
 

@@ -51,7 +51,9 @@ from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.models.batching import MicroBatcher
 from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, get_preset, is_preset_name
 from trprompt_dspy.prompt_model.base import (
+    DEFAULT_MAX_INSTRUCTION_TOKENS,
     InstructionRequest,
+    InstructionStats,
     SFTExample,
     TrainResult,
     build_messages,
@@ -62,7 +64,7 @@ __all__ = ["HFPromptModel"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = ("bfloat16", "float16", "float32")
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class HFPromptModel:
         model: Preset name (default ``"smollm2-135m-instruct"``), model folder, ``.gguf`` file or hub id;
             resolved with :func:`trprompt_dspy.models.resolve_model`.
         adapter_path: A LoRA adapter folder to activate on load.
-        dtype: Weight dtype: ``"bfloat16"`` (default; fast on CPUs with AVX512-BF16 and on GPUs),
+        dtype: Weight dtype for generation and training: ``"auto"`` (default: bfloat16 where the hardware
+            computes it natively, float32 elsewhere; :mod:`trprompt_dspy.models.dtype`), ``"bfloat16"``,
             ``"float32"`` or ``"float16"`` (GPU only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         max_batch_size: Most sequences (requests × n) per ``generate`` batch.
@@ -123,7 +126,7 @@ class HFPromptModel:
     """
 
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *,
-                 adapter_path: str | os.PathLike[str] | None = None, dtype: str = "bfloat16",
+                 adapter_path: str | os.PathLike[str] | None = None, dtype: str = "auto",
                  device: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.02,
                  allow_download: bool = False, display_progress: bool = False,
                  reproducible_sampling: bool = False) -> None:
@@ -143,6 +146,8 @@ class HFPromptModel:
         self._tokenizer: Any = None
         self._load_lock = threading.Lock()
         self._model_lock = threading.RLock()  # held while generating, training or switching adapters
+        #: Instructions written and how many hit ``max_new_tokens`` before the end-of-turn token.
+        self.instruction_stats = InstructionStats()
         self._batcher: MicroBatcher[_Job, list[list[str]]] = MicroBatcher(
             self._run_jobs, max_batch_size=max_batch_size, max_wait_s=batch_wait_s, key=lambda job: job.key,
             size=lambda job: job.size, name="trprompt-hf-prompt-model")
@@ -155,7 +160,7 @@ class HFPromptModel:
         return self._adapter_path
 
     def generate(self, requests: Sequence[InstructionRequest], *, temperature: float = 0.0, n: int = 1,
-                 max_new_tokens: int = 128, seed: int | None = None) -> list[list[str]]:
+                 max_new_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS, seed: int | None = None) -> list[list[str]]:
         """Write ``n`` instructions per request (thread-safe; concurrent calls are batched).
 
         Args:
@@ -244,7 +249,7 @@ class HFPromptModel:
     def describe(self) -> dict[str, Any]:
         """JSON-able description for artifacts and logs."""
         return {"backend": "hf", "base_model": self.model_id, "adapter_path": self._adapter_path,
-                "dtype": self.dtype, "device": self.device or self._loaded_device()}
+                "dtype": self._loaded_dtype() or self.dtype, "device": self.device or self._loaded_device()}
 
     # ------------------------------------------------------------------ extras
 
@@ -310,6 +315,10 @@ class HFPromptModel:
                 if wanted is not None:
                     self._attach(wanted)
 
+    def _loaded_dtype(self) -> str | None:
+        base = self._base
+        return None if base is None else str(getattr(base, "dtype", "")).removeprefix("torch.") or None
+
     def _loaded_device(self) -> str | None:
         base = self._base
         return None if base is None else str(base.device)
@@ -372,6 +381,10 @@ class HFPromptModel:
             results = generate_chats(self._active, self._tokenizer, chats, max_new_tokens=budgets,
                                      temperature=first.temperature, top_p=1.0, n=first.n, seed=first.seed)
         rows = [r.texts for r in results]
+        for r in results:
+            for i, (reason, tokens) in enumerate(zip(r.finish_reasons, r.completion_tokens, strict=False)):
+                self.instruction_stats.record(hit_cap=reason == "length", completion_tokens=tokens,
+                                              prompt_tokens=r.prompt_tokens if i == 0 else 0)
         out, start = [], 0
         for job in jobs:
             out.append(rows[start:start + len(job.chats)])

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trprompt_dspy.prompt_model.base import (
+    DEFAULT_MAX_INSTRUCTION_TOKENS,
     InstructionRequest,
     SFTExample,
     TrainResult,
@@ -91,7 +92,7 @@ class LMInstructionWriter:
         *,
         temperature: float = 0.0,
         n: int = 1,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
         seed: int | None = None,
     ) -> list[list[str]]:
         """Return ``n`` LM-written instructions per request, in request order."""

