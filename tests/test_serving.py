@@ -463,6 +463,7 @@ def test_prompt_model_request_shaping_and_order(stub):
     chats = stub.chats()
     assert len(chats) == 10 and all(c["n"] == 1 and c["temperature"] == 0.0 and c["max_tokens"] == 40 for c in chats)
     assert all(c["model"] == "base" and "seed" not in c for c in chats)
+    assert all(c["stop"] == ["\n\n"] for c in chats)  # an instruction is one paragraph
     first = next(c for c in chats if "q0\n" in c["messages"][1]["content"])
     assert first["messages"] == build_messages(reqs[0])
     sampled = pm.generate(reqs[:2], temperature=0.7, n=2, max_new_tokens=8, seed=11)

@@ -32,6 +32,7 @@ __all__ = [
     "PromptModel",
     "SYSTEM_PROMPT",
     "DEFAULT_MAX_INSTRUCTION_TOKENS",
+    "INSTRUCTION_STOP",
     "build_messages",
     "check_generate_args",
     "InstructionStats",
@@ -43,6 +44,11 @@ __all__ = [
 #: one or two complete sentences (the system prompt asks for under 40 words). The 135M prompt model at a
 #: 128-token cap ended 36 of 40 demo instructions mid-sentence.
 DEFAULT_MAX_INSTRUCTION_TOKENS = 48
+
+#: An instruction is one paragraph: the local backends stop generating at the first blank line. Without it
+#: the single-base Qwen2.5-Coder-0.5B prompt model went on into numbered step-by-step plans and 16 of 40
+#: held-out instructions hit the 48-token cap mid-sentence (demo, 2026-12-01).
+INSTRUCTION_STOP: tuple[str, ...] = ("\n\n",)
 
 SYSTEM_PROMPT = (
     "You write instructions for another language model. Given a task, one query and a description of "

@@ -52,6 +52,7 @@ from trprompt_dspy.models.batching import MicroBatcher
 from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, get_preset, is_preset_name
 from trprompt_dspy.prompt_model.base import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
+    INSTRUCTION_STOP,
     InstructionRequest,
     InstructionStats,
     SFTExample,
@@ -379,7 +380,8 @@ class HFPromptModel:
         first = jobs[0]
         with self._model_lock:
             results = generate_chats(self._active, self._tokenizer, chats, max_new_tokens=budgets,
-                                     temperature=first.temperature, top_p=1.0, n=first.n, seed=first.seed)
+                                     temperature=first.temperature, top_p=1.0, n=first.n, seed=first.seed,
+                                     stop=INSTRUCTION_STOP)
         rows = [r.texts for r in results]
         for r in results:
             for i, (reason, tokens) in enumerate(zip(r.finish_reasons, r.completion_tokens, strict=False)):

@@ -44,6 +44,7 @@ from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, get_preset, is_preset_name
 from trprompt_dspy.prompt_model.base import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
+    INSTRUCTION_STOP,
     InstructionRequest,
     InstructionStats,
     SFTExample,
@@ -409,7 +410,7 @@ class VLLMPromptModel:
                   seed: int | None) -> list[str]:
         messages = build_messages(request)
         payload: dict[str, Any] = {"model": name, "messages": messages, "max_tokens": max_new_tokens,
-                                   "temperature": temperature, "n": n}
+                                   "temperature": temperature, "n": n, "stop": list(INSTRUCTION_STOP)}
         if temperature > 0:
             payload["top_p"] = 1.0
         if seed is not None:
