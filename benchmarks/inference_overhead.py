@@ -42,7 +42,6 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def _run_cell(program: Any, data: list[Any], lm: Any, threads: int, pm: Any) -> dict[str, Any]:
     import dspy
-    from dspy.utils.usage_tracker import track_usage
 
     from trprompt_dspy.metrics import gsm8k_metric
     from trprompt_dspy.prompt_model.base import instruction_stats
@@ -51,14 +50,15 @@ def _run_cell(program: Any, data: list[Any], lm: Any, threads: int, pm: Any) -> 
     meter = UsageMeter()
     meter.assign(lm, "target")
     before = instruction_stats(pm) if pm is not None else None
-    with dspy.context(lm=lm, track_usage=True, callbacks=[meter.callback("other")]), track_usage() as tracker:
+    seen = len(lm.history)
+    with dspy.context(lm=lm, callbacks=[meter.callback("other")]):
         t0 = time.perf_counter()
         result = dspy.Evaluate(devset=data, metric=gsm8k_metric, num_threads=threads, display_progress=False,
                                max_errors=len(data) + 1, failure_score=0.0)(program)
         wall = time.perf_counter() - t0
-    tokens = tracker.get_total_tokens()
-    prompt_tok = sum(int(u.get("prompt_tokens") or 0) for u in tokens.values())
-    completion_tok = sum(int(u.get("completion_tokens") or 0) for u in tokens.values())
+    usage = [entry.get("usage") or {} for entry in lm.history[seen:]]  # the target LM's own call records
+    prompt_tok = sum(int(u.get("prompt_tokens") or 0) for u in usage)
+    completion_tok = sum(int(u.get("completion_tokens") or 0) for u in usage)
     n = len(data)
     calls = meter.snapshot()["calls"]
     cell: dict[str, Any] = {

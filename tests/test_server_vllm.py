@@ -189,12 +189,11 @@ def test_single_base_stack_serves_target_and_prompt_model_from_one_server(vllm_p
         examples = [SFTExample(r, TRAINED) for r in reqs] + [SFTExample(r, TRAINED) for r in reqs[:2]]
         result = pm.train(examples, output_dir=tmp_path / "adapter", lora=LoraSettings(r=8),
                           sft=SFTSettings(learning_rate=2e-3, num_train_epochs=4, max_length=384), seed=0)
-        served = dspy.LM("openai/x", api_base=pm.base_url, api_key="EMPTY")  # the same process lists both
+        tuned = pm.generate(reqs, max_new_tokens=32)  # connects, loads the adapter at run time, generates
         from trprompt_dspy.serving.http import get_json
 
-        names = [c["id"] for c in get_json(f"{served.kwargs['api_base']}/models", timeout=30)["data"]]
-        assert PRESET in names and pm.active_model in names
-        tuned = pm.generate(reqs, max_new_tokens=32)
+        names = [c["id"] for c in get_json(f"{pm.base_url}/models", timeout=30)["data"]]
+        assert PRESET in names and pm.active_model in names and pm.active_model != PRESET  # one process, both
         assert sum(t[0].startswith("INSTRUCTION") for t in tuned) >= 4, tuned
         # the target keeps answering from the base weights on the same server
         assert stack.target_lm("What is 2 + 3? Reply with the number only.", temperature=0.0)[0].strip()

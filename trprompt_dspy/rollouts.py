@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -474,6 +475,32 @@ def evaluate_program(
 # --------------------------------------------------------------------------------------------------
 
 
+_SENTENCE_END = re.compile(r"[.!?:;)\]\"'`*]$")
+_LAST_BOUNDARY = re.compile(r"[.!?](?=[\s\"')\]]|$)")
+
+
+def complete_sentences(instruction: str) -> str:
+    """``instruction`` without a trailing unfinished sentence (one cut at the token cap).
+
+    The prompt model learns to end where its training instructions end (the completion ends with EOS), so an
+    instruction cut mid-sentence at ``max_instruction_tokens`` is trimmed to its last complete sentence
+    before it becomes an SFT completion. One with no complete sentence is kept as it is.
+
+    Example:
+        >>> complete_sentences("List the quantities. Then compute the total of")
+        'List the quantities.'
+        >>> complete_sentences("Add the two numbers.")
+        'Add the two numbers.'
+        >>> complete_sentences("Compute 2.5 times the")
+        'Compute 2.5 times the'
+    """
+    text = instruction.rstrip()
+    if not text or _SENTENCE_END.search(text):
+        return text
+    ends = [m.end() for m in _LAST_BOUNDARY.finditer(text)]
+    return text[: ends[-1]].rstrip() if ends else text
+
+
 def build_sft_examples(
     rollouts: Iterable[Rollout], *, leak_filter: bool = True, min_score: float | None = None
 ) -> tuple[SFTBatch, int]:
@@ -513,7 +540,7 @@ def build_sft_examples(
         if leak_filter:
             reward, _ = redact_answer_leaks(reward, r.gold, context="\n".join(f"{k}: {v}" for k, v in r.inputs.items()))
         for call in r.instructions:
-            instruction = str(call.get("instruction") or "").strip()
+            instruction = complete_sentences(str(call.get("instruction") or "").strip())
             if not instruction:
                 batch.num_empty += 1
                 continue
