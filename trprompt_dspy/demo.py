@@ -140,7 +140,7 @@ def _run_phases(stack: Any, program: str, train: list[dspy.Example], heldout: li
                 timings: dict[str, float], load_program: Any) -> None:
     """Baseline eval, compile, compiled eval (each timed) on a started :class:`~trprompt_dspy.stack.ModelStack`."""
     from trprompt_dspy.metrics import gsm8k_feedback_metric, gsm8k_metric
-    from trprompt_dspy.prompt_model.base import instruction_stats
+    from trprompt_dspy.prompt_model.base import cap_report, instruction_stats
 
     with dspy.context(lm=stack.target_lm):
         t0 = time.perf_counter()
@@ -167,12 +167,9 @@ def _run_phases(stack: Any, program: str, train: list[dspy.Example], heldout: li
         t0 = time.perf_counter()
         comp_acc, comp_rows = _evaluate(compiled, heldout, gsm8k_metric, stack.num_threads)
         timings["compiled_eval"] = time.perf_counter() - t0
-        after = instruction_stats(stack.prompt_model)
-        if before is not None and after is not None:
-            made, capped = after["instructions"] - before["instructions"], after["hit_cap"] - before["hit_cap"]
-            results["compiled_instructions"] = {
-                "instructions": made, "hit_cap": capped, "hit_cap_rate": round(capped / made, 4) if made else 0.0,
-                "max_instruction_tokens": opt.max_instruction_tokens}
+        capped = cap_report(before, instruction_stats(stack.prompt_model), opt.max_instruction_tokens)
+        if capped:
+            results["compiled_instructions"] = capped
         save_compiled(compiled, out / "compiled")
         results.update(compiled_accuracy=comp_acc, compiled_rows=comp_rows, compile_stats=stats)
 

@@ -422,14 +422,9 @@ class TRPromptRun:
         )
 
     def _instruction_counts(self) -> dict[str, Any]:
-        from trprompt_dspy.prompt_model.base import instruction_stats
+        from trprompt_dspy.prompt_model.base import cap_report, instruction_stats
 
-        now, start = instruction_stats(self.pm), self._instructions_at_start
-        if now is None or start is None:
-            return {}
-        made, capped = now["instructions"] - start["instructions"], now["hit_cap"] - start["hit_cap"]
-        return {"instructions": made, "hit_cap": capped, "hit_cap_rate": round(capped / made, 4) if made else 0.0,
-                "max_instruction_tokens": self.opt.max_instruction_tokens}
+        return cap_report(self._instructions_at_start, instruction_stats(self.pm), self.opt.max_instruction_tokens)
 
     def _describe_pm(self) -> dict[str, Any]:
         from trprompt_dspy.rollouts import json_safe

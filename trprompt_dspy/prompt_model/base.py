@@ -37,6 +37,7 @@ __all__ = [
     "check_generate_args",
     "InstructionStats",
     "instruction_stats",
+    "cap_report",
 ]
 
 #: Token budget of one instruction (the optimizer's ``max_instruction_tokens`` and the compiled program's
@@ -257,3 +258,19 @@ def instruction_stats(prompt_model: Any) -> dict[str, int] | None:
     them (``None`` for those that do not)."""
     stats = getattr(prompt_model, "instruction_stats", None)
     return stats.snapshot() if isinstance(stats, InstructionStats) else None
+
+
+def cap_report(before: dict[str, int] | None, after: dict[str, int] | None, max_tokens: int) -> dict[str, Any]:
+    """Instructions written between two :func:`instruction_stats` snapshots and how many hit the cap.
+
+    Returns ``{}`` when either snapshot is ``None`` (a backend that does not count).
+
+    Example:
+        >>> cap_report({"instructions": 2, "hit_cap": 1}, {"instructions": 6, "hit_cap": 2}, 48)
+        {'instructions': 4, 'hit_cap': 1, 'hit_cap_rate': 0.25, 'max_instruction_tokens': 48}
+    """
+    if before is None or after is None:
+        return {}
+    made, capped = after["instructions"] - before["instructions"], after["hit_cap"] - before["hit_cap"]
+    return {"instructions": made, "hit_cap": capped, "hit_cap_rate": round(capped / made, 4) if made else 0.0,
+            "max_instruction_tokens": max_tokens}
