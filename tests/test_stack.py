@@ -102,8 +102,10 @@ def test_bad_stack_inputs_fail_before_any_model_loads():
         ModelStack("qwen2.5-coder-0.5b-instruct", max_lora_rank=0)
     with pytest.raises(ValueError, match="must not set 'enable_lora'"):
         ModelStack("qwen2.5-coder-0.5b-instruct", server_options={"enable_lora": False})
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="prompt_model path './no/such/folder' does not exist"):
         ModelStack("qwen2.5-coder-0.5b-instruct", prompt_model="./no/such/folder")
+    with pytest.raises(FileNotFoundError, match="target path './no/such/target' does not exist"):
+        ModelStack("./no/such/target")
 
 
 def test_stack_modes_are_decided_from_names():

@@ -102,8 +102,9 @@ def local_base_of(lm: Any) -> LocalBase | None:
     return base if isinstance(base, LocalBase) else None
 
 
-def check_prompt_model_spec(spec: Any) -> None:
-    """Fail fast on a bad ``prompt_model=`` value (a misspelt preset, a missing folder, a wrong type)."""
+def check_prompt_model_spec(spec: Any, what: str = "prompt_model") -> None:
+    """Fail fast on a bad ``prompt_model=`` (or, with ``what``, target) value: a misspelt preset, a missing
+    folder, a wrong type."""
     if spec is None or isinstance(spec, PromptModel):
         return
     if not isinstance(spec, (str, os.PathLike)):
@@ -121,7 +122,7 @@ def check_prompt_model_spec(spec: Any) -> None:
                        or "\\" in ref or ref.count("/") > 1 or ref.endswith("/"))
     if looks_like_path:
         raise FileNotFoundError(
-            f"prompt_model path {ref!r} does not exist. Pass an existing model folder (with config.json), a "
+            f"{what} path {ref!r} does not exist. Pass an existing model folder (with config.json), a "
             "preset name (see trprompt_dspy.list_presets()), 'auto', 'same' or a Hugging Face id such as 'org/name'."
         )
     if "/" in ref:  # an HF id: checked when loaded
@@ -252,7 +253,7 @@ class ModelStack:
             raise ValueError(f"target must be a preset name, a model folder or a served model name; got {target!r}.")
         target = os.fspath(target)
         if backend != "api":
-            check_prompt_model_spec(target if not Path(target).expanduser().exists() else None)
+            check_prompt_model_spec(target if not Path(target).expanduser().exists() else None, what="target")
         if isinstance(prompt_model, PromptModel):
             raise TypeError("ModelStack builds the prompt model from a name; pass the PromptModel object to "
                             "TRPromptOptimizer(prompt_model=...) directly instead.")
