@@ -1,0 +1,283 @@
+"""The accuracy study: which TRPrompt configuration improves a program, measured on a dev split.
+
+Every configuration ("cell") is evaluated on the **same** fixed dev questions (``splits.json``; never
+the test split) and compared with zero-shot CoT on those questions with paired statistics: accuracy with
+a Wilson 95 % interval, the discordant pairs (questions the configuration fixed / broke) and the exact
+McNemar p-value. All roles run on **one** vLLM server in single-base mode
+(:class:`~trprompt_dspy.stack.ModelStack`); a cell that asks for another prompt model builds it
+in-process next to that server.
+
+Cells (``--cells``, in the order given; each is appended to ``<out>.cells.jsonl`` when it finishes, and a
+re-run skips finished cells, so a killed study resumes; a killed compile resumes from its ``log_dir``):
+
+* ``zeroshot`` — the plain program (the reference for every other cell).
+* ``writer-untrained`` — the untrained prompt model (the base weights) writes each instruction from t*_0:
+  what iteration 0 of a single-base compile starts from.
+* ``trprompt-*`` — a compile on a train-pool sample (valset held out of it, disjoint from the rollout
+  queries) with the optimizer settings in :data:`CELLS`, then the compiled program on the dev questions.
+
+    python -m benchmarks.ablation_study --target qwen2.5-coder-1.5b-instruct --dataset gsmhard --n 100 \\
+        --cells zeroshot writer-untrained trprompt-light --out ablation-gsmhard-qwen1.5b-<date>
+
+Writes ``benchmarks/results/<out>.cells.jsonl`` (per-question outcomes), ``<out>.json`` and ``<out>.md``.
+Run it alone on the machine: wall times are part of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from benchmarks._stats import mcnemar_exact  # noqa: E402
+
+logger = logging.getLogger("benchmarks.ablation_study")
+RESULTS = REPO / "benchmarks" / "results"
+
+#: Compile cells: optimizer keyword arguments (``seed_lm=True``: the target LM writes iteration 0).
+#: ``program`` picks another program; ``predictors`` restricts the query-aware predictors.
+CELLS: dict[str, dict[str, Any]] = {
+    "trprompt-light": {"opt": {"auto": "light"}},
+    "trprompt-light-seedlm": {"opt": {"auto": "light"}, "seed_lm": True},
+    "trprompt-light-smollm2": {"opt": {"auto": "light", "prompt_model": "smollm2-135m-instruct"}},
+    "trprompt-light-filtered": {"opt": {"auto": "light", "sft": {"min_score": 1.0}}},
+    "trprompt-light-no-textgrad": {"opt": {"num_iterations": 2, "textgrad_steps": 0}},
+    "trprompt-light-budget32": {"opt": {"auto": "light", "max_instruction_tokens": 32}},
+    "trprompt-light-budget96": {"opt": {"auto": "light", "max_instruction_tokens": 96}},
+    "trprompt-medium": {"opt": {"auto": "medium"}},
+}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson 95 % interval of a proportion ``k / n``.
+
+    Example:
+        >>> [round(x, 3) for x in wilson(25, 100)]
+        [0.176, 0.343]
+    """
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def compare(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
+    """Paired comparison of one cell's per-question outcomes with the reference cell's.
+
+    Example:
+        >>> a = [{"idx": i, "correct": c} for i, c in enumerate([1, 1, 0, 1])]
+        >>> b = [{"idx": i, "correct": c} for i, c in enumerate([0, 1, 0, 0])]
+        >>> r = compare(a, b)
+        >>> r["fixed"], r["broken"], r["delta_points"]
+        (2, 0, 50.0)
+    """
+    by_idx = {r["idx"]: r["correct"] for r in ref}
+    if sorted(by_idx) != sorted(r["idx"] for r in rows):
+        raise ValueError("A cell and the reference must cover the same questions (same --dataset and --n).")
+    fixed = sum(1 for r in rows if r["correct"] and not by_idx[r["idx"]])
+    broken = sum(1 for r in rows if not r["correct"] and by_idx[r["idx"]])
+    n = len(rows)
+    k = sum(r["correct"] for r in rows)
+    lo, hi = wilson(k, n)
+    return {"n": n, "correct": k, "accuracy": round(100 * k / n, 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
+            "fixed": fixed, "broken": broken, "delta_points": round(100 * (fixed - broken) / n, 1),
+            "mcnemar_p": round(mcnemar_exact(fixed, broken)["p_value"], 4)}
+
+
+def _read_cells(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    cells = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            c = json.loads(line)
+            cells[c["cell"]] = c
+    return cells
+
+
+def _evaluate(program: Any, data: list[Any], metric: Any, lm: Any, threads: int) -> dict[str, Any]:
+    import dspy
+
+    seen = len(lm.history)
+    t0 = time.perf_counter()
+    result = dspy.Evaluate(devset=data, metric=metric, num_threads=threads, display_progress=True,
+                           max_errors=len(data) + 1, failure_score=0.0, provide_traceback=False)(program)
+    wall = time.perf_counter() - t0
+    usage = [entry.get("usage") or {} for entry in lm.history[seen:]]
+    completion = sum(int(u.get("completion_tokens") or 0) for u in usage)
+    rows = []
+    for ex, pred, score in result.results:
+        answer = getattr(pred, "answer", None) if pred is not None else None
+        instruction = getattr(pred, "query_instruction", None) if pred is not None else None
+        rows.append({"idx": ex.get("idx"), "correct": int(bool(float(score))),
+                     "answer": None if answer is None else str(answer)[:120],
+                     **({"instruction": str(instruction)[:400]} if instruction is not None else {})})
+    rows.sort(key=lambda r: r["idx"])
+    return {"rows": rows, "eval_wall_s": round(wall, 1), "target_calls": len(usage),
+            "target_prompt_tokens": sum(int(u.get("prompt_tokens") or 0) for u in usage),
+            "target_completion_tokens": completion, "target_tok_per_s": round(completion / wall, 1) if wall else None}
+
+
+def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train: list[Any], dataset: str,
+             seed: int, runs: Path) -> dict[str, Any]:
+    """Run one cell and return its record (outcomes, timings, compile statistics)."""
+    import dspy
+
+    from trprompt_dspy.cli import load_program
+    from trprompt_dspy.metrics import get_metric
+    from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
+    from trprompt_dspy.program import install_query_aware
+    from trprompt_dspy.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+
+    metric = get_metric(dataset)
+    lm, threads = stack.target_lm, stack.num_threads
+    rec: dict[str, Any] = {"cell": name}
+    with dspy.context(lm=lm):
+        if name == "zeroshot":
+            rec.update(_evaluate(load_program(program_spec), dev, metric, lm, threads))
+        elif name == "writer-untrained":
+            stack.prompt_model.load_adapter(None)
+            program = install_query_aware(load_program(program_spec), prompt_model=stack.prompt_model,
+                                          optimal_reward=DEFAULT_INITIAL_REWARD,
+                                          generation={"temperature": 0.0,
+                                                      "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS})
+            rec.update(_evaluate(program, dev, metric, lm, threads))
+        elif name in CELLS:
+            spec = CELLS[name]
+            kwargs = dict(spec["opt"])
+            kwargs.setdefault("prompt_model", stack.prompt_model)
+            opt = TRPromptOptimizer(metric=get_metric(dataset, feedback=True), num_threads=threads, seed=seed,
+                                    seed_lm=lm if spec.get("seed_lm") else None, log_dir=runs / name,
+                                    display_progress=False, **kwargs)
+            t0 = time.perf_counter()
+            compiled = opt.compile(load_program(spec.get("program", program_spec)), trainset=train)
+            rec["compile_wall_s"] = round(time.perf_counter() - t0, 1)
+            stats = compiled.detailed_results.to_dict()
+            rec["compile"] = {k: stats.get(k) for k in (
+                "selected", "baseline_score", "best_score", "best_iteration", "lm_calls", "lm_tokens", "seconds",
+                "instructions", "t_star_history", "budget", "failures")}
+            rec["compile"]["iterations"] = [{k: it.get(k) for k in (
+                "iteration", "rollout_score", "val_score", "t_star_accepted", "num_rollouts", "num_sft_examples",
+                "sft_steps", "seconds")} for it in stats["iterations"]]
+            rec["val_size"] = len(opt._split(list(train), None)[1])
+            rec.update(_evaluate(compiled, dev, metric, lm, threads))
+        else:
+            raise ValueError(f"Unknown cell {name!r}; choose from zeroshot, writer-untrained, {', '.join(CELLS)}.")
+    return rec
+
+
+def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    ref = cells.get("zeroshot")
+    table = []
+    for name, c in cells.items():
+        row = {"cell": name, **(compare(c["rows"], ref["rows"]) if ref else {}),
+               "eval_wall_s": c.get("eval_wall_s"), "compile_wall_s": c.get("compile_wall_s"),
+               "target_tok_per_s": c.get("target_tok_per_s"),
+               "target_completion_tokens_per_q": round(c["target_completion_tokens"] / len(c["rows"]), 1)}
+        if "compile" in c:
+            comp = c["compile"]
+            row.update(selected=comp.get("selected"), val_baseline=comp.get("baseline_score"),
+                       val_best=comp.get("best_score"), val_size=c.get("val_size"), lm_calls=comp.get("lm_calls"))
+        table.append(row)
+    return {**meta, "table": table}
+
+
+def render(summary: dict[str, Any]) -> str:
+    cpu = summary["cpu"]
+    lines = [f"# TRPrompt ablation on {summary['dataset']} dev ({summary['target']}, single-base, one vLLM server)", "",
+             f"{summary['n']} fixed dev questions (`splits.json`; the test split is not used); each cell against "
+             "zero-shot CoT on the same questions. CPU: "
+             f"{cpu['model']} ({cpu['cores']} cores; native bf16: {cpu['native_bf16']}; flags "
+             f"{', '.join(cpu['flags']) or 'none'}); server dtype {summary['server'].get('dtype')}; seed {summary['seed']}; "
+             f"train pool sample {summary['train_size']}.", "",
+             "| cell | acc % | 95 % CI | fixed | broken | Δ points | McNemar p | selected | val student → best (n) "
+             "| compile s | eval s | target tok/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["table"]:
+        val = (f"{r['val_baseline']:.3f} → {r['val_best']:.3f} ({r['val_size']})"
+               if r.get("val_baseline") is not None and r.get("val_best") is not None else "-")
+        lines.append(f"| {r['cell']} | {r.get('accuracy')} | {r.get('ci95')} | {r.get('fixed')} | {r.get('broken')} | "
+                     f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {r.get('selected') or '-'} | {val} | "
+                     f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} |")
+    lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in CELLS.items()), "",
+              "Reproduce: `" + summary["command"] + "`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--dataset", default="gsmhard", choices=["gsmhard", "gsm8k"])
+    parser.add_argument("--program", default="programs.math:MathCoT")
+    parser.add_argument("--n", type=int, default=100, help="first n fixed dev questions")
+    parser.add_argument("--train-size", type=int, default=300, help="Random(0) sample of the train pool")
+    parser.add_argument("--cells", nargs="+", default=["zeroshot", "writer-untrained", "trprompt-light"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=768)
+    parser.add_argument("--runs", default="runs/ablation", help="log_dir root of the compiles (resumable)")
+    parser.add_argument("--out", required=True, help="result name, e.g. ablation-gsmhard-qwen1.5b-<date>")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "LiteLLM", "litellm", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import random
+
+    from trprompt_dspy.datasets import load_fixed_split
+    from trprompt_dspy.models.dtype import cpu_info
+    from trprompt_dspy.stack import ModelStack
+
+    dev = load_fixed_split(args.dataset, "dev", limit=args.n)
+    pool = load_fixed_split(args.dataset, "train")
+    train = [ex.with_inputs("question") for ex in random.Random(0).sample(pool, min(args.train_size, len(pool)))]
+    cells_path = RESULTS / f"{args.out}.cells.jsonl"
+    done = _read_cells(cells_path)
+    todo = [c for c in args.cells if c not in done]
+    logger.info("Cells done: %s; to run: %s", sorted(done), todo)
+    runs = Path(args.runs)
+    stack = ModelStack(args.target, max_tokens=args.max_tokens, log_dir=runs / "servers")
+    meta = {"dataset": args.dataset, "split": "dev", "n": len(dev), "target": args.target, "seed": args.seed,
+            "train_size": len(train), "cpu": cpu_info(), "program": args.program,
+            "command": "python -m benchmarks.ablation_study " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if todo:
+        with stack:
+            meta["server"] = stack.servers.get("target", next(iter(stack.servers.values()), {}))
+            for name in todo:
+                logger.info("==> cell %s", name)
+                t0 = time.perf_counter()
+                rec = run_cell(name, stack=stack, program_spec=args.program, dev=dev, train=train,
+                               dataset=args.dataset, seed=args.seed, runs=runs)
+                rec.update(cell_wall_s=round(time.perf_counter() - t0, 1), cpu=meta["cpu"],
+                           server_dtype=meta["server"].get("dtype"),
+                           finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                with cells_path.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                done[name] = rec
+                logger.info("cell %s: %.1f %% in %.0f s", name, 100 * sum(r["correct"] for r in rec["rows"])
+                            / len(rec["rows"]), rec["cell_wall_s"])
+    else:
+        meta["server"] = {"dtype": next(iter(done.values())).get("server_dtype")}
+    summary = summarize(done, meta)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(render(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
