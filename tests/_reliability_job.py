@@ -106,7 +106,7 @@ def run_job(log_dir: str, kill: str | None, result: str) -> None:
             for i in range(10)]
     opt = TRPromptOptimizer(metric=lambda ex, pred, trace=None: float(pred.answer == ex.answer), prompt_model=pm,
                             reward_lm=lm("reward"), textgrad_lm=lm("textgrad"), log_dir=log_dir,
-                            display_progress=False, retry_backoff=0.0, **BUDGET)
+                            display_progress=False, retry_backoff=0.0, min_improvement=None, **BUDGET)
     compiled = opt.compile(MathCoT(), trainset=data[:8], valset=data[8:])
     res = compiled.detailed_results
     Path(result).write_text(json.dumps({

@@ -8,8 +8,14 @@ is the sum of the "a + b" in the question) and TextGrad's prompts with well-form
 
 from __future__ import annotations
 
-from trprompt_dspy.testing import ScriptedEngine, arithmetic_responder, scripted_lm
+from trprompt_dspy.testing import (
+           ScriptedEngine,
+           arithmetic_responder,
+           instruction_following_responder,
+           scripted_lm,
+)
 from trprompt_dspy.testing import _output_fields as output_fields
 from trprompt_dspy.testing import _sum_in as solve
 
-__all__ = ["ScriptedEngine", "scripted_lm", "arithmetic_responder", "output_fields", "solve"]
+__all__ = ["ScriptedEngine", "scripted_lm", "arithmetic_responder", "instruction_following_responder", "output_fields",
+           "solve"]

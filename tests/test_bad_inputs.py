@@ -143,7 +143,8 @@ class Case:
 
 CASES = [
     # --- constructor: budget, knobs, models
-    Case("no budget", lambda e: TRPromptOptimizer(metric=metric), ValueError, "Set a budget", "auto='light'"),
+    Case("negative min_improvement", lambda e: TRPromptOptimizer(metric=metric, min_improvement=-1), ValueError,
+         "min_improvement must be in", r"\[0.0, None\]"),
     Case("unknown auto", lambda e: e.opt(auto="extreme", **{k: None for k in SMALL}), ValueError,
          "auto must be one of.*'extreme'", r"\['heavy', 'light', 'medium'\]"),
     Case("conflicting budget knobs", lambda e: TRPromptOptimizer(metric=metric, auto="light", num_iterations=3),

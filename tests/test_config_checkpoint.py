@@ -23,7 +23,6 @@ def test_auto_budgets_grow_with_level():
 @pytest.mark.parametrize("auto,counts,cap,match", [
     ("huge", {}, None, "auto must be one of"),
     ("light", {"num_iterations": 3}, None, "either auto"),
-    (None, {}, None, "Set a budget"),
     (None, {"num_iterations": 0}, None, "num_iterations must be an integer >= 1"),
     (None, {"prompts_per_query": -2}, None, "prompts_per_query"),
     (None, {"queries_per_iteration": 2.5}, None, "queries_per_iteration"),
@@ -32,6 +31,13 @@ def test_auto_budgets_grow_with_level():
 def test_budget_rejects_bad_knobs(auto, counts, cap, match):
     with pytest.raises(ValueError, match=match):
         Budget.resolve(auto, counts, cap)
+
+
+def test_no_budget_argument_resolves_to_the_default_preset():
+    from trprompt_dspy.config import DEFAULT_AUTO
+
+    assert Budget.resolve(None, {}, None) == Budget.from_auto(DEFAULT_AUTO)
+    assert Budget.resolve(None, {}, 40) == Budget.from_auto(DEFAULT_AUTO, max_metric_calls=40)
 
 
 def test_explicit_counts_fill_the_rest_from_light():

@@ -14,6 +14,23 @@ from trprompt_dspy.report import mcnemar_p, paired_outcomes, render_report, writ
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _gold_with_instruction(system: str, user: str) -> str:
+    """A scripted target that gives the gold answer only when the prompt model's instruction is in its prompt,
+    so the compiled program beats the student and no-regression selection returns the trained iteration."""
+    from trprompt_dspy.datasets import load_dataset, load_fixed_split
+
+    reply = arithmetic_responder(system, user)
+    if "[[ ## answer ## ]]" not in reply or "give the number" not in system:
+        return reply
+    examples = [*load_dataset("gsm8k", "train", source="bundled", limit=8),
+                *load_fixed_split("gsm8k", "dev", source="bundled", limit=4)]
+    answer = next((ex.answer for ex in examples if ex.question.strip() in user), None)
+    if answer is None:
+        return reply
+    head, _, _ = reply.partition("[[ ## answer ## ]]")
+    return f"{head}[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]"
+
+
 @pytest.fixture
 def fake_stack(monkeypatch):
     """ModelStack with a scripted target and the fake prompt model instead of servers (its checks stay real)."""
@@ -24,7 +41,7 @@ def fake_stack(monkeypatch):
     def start(self):
         if self.target_lm is None:
             events.append(f"start backend={self.backend} pm={self.need_prompt_model}")
-            self.target_lm = scripted_lm(arithmetic_responder)
+            self.target_lm = scripted_lm(_gold_with_instruction)
             self.prompt_model = (FakePromptModel(template="Work through {predictor} step by step and give the number.")
                                  if self.need_prompt_model else None)
             self.servers = {"target": {"model": "scripted", "base_url": "http://x", "startup_seconds": 0}}

@@ -23,8 +23,10 @@ from trprompt_dspy.metrics import gsm8k_feedback_metric
 
 pytestmark = pytest.mark.integration
 
+# min_improvement=None: these tests check the real-model plumbing (train, save, reload) on the trained program,
+# which must come back even when it ties with the student on 2 validation examples (selection: test_optimizer).
 TINY = dict(num_iterations=1, queries_per_iteration=2, prompts_per_query=2, textgrad_steps=0,
-            textgrad_batch_size=2, val_size=2)
+            textgrad_batch_size=2, val_size=2, min_improvement=None)
 SFT = {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "max_length": 384}
 
 

@@ -8,7 +8,7 @@ import dspy
 import pytest
 
 from programs.math import MathCoT, PlanAndSolve
-from tests.fakes import arithmetic_responder, scripted_lm
+from tests.fakes import arithmetic_responder, instruction_following_responder, scripted_lm
 from trprompt_dspy import TRPromptOptimizer
 from trprompt_dspy.artifact import load_compiled, save_compiled
 from trprompt_dspy.checkpoint import LogDirMismatchError
@@ -33,9 +33,14 @@ def make_data(n: int, offset: int = 0) -> list[dspy.Example]:
             for i in range(offset, offset + n)]
 
 
+#: The fake prompt model's instructions hold it; the target answers right only when it sees it, so the
+#: compiled program beats the plain student and no-regression selection returns the trained iteration.
+MARKER = "state the sum"
+
+
 @pytest.fixture
 def lm():
-    target = scripted_lm(arithmetic_responder, "target")
+    target = scripted_lm(instruction_following_responder(MARKER), "target")
     dspy.configure(lm=target)
     return target
 
@@ -66,7 +71,8 @@ def test_compile_returns_query_aware_copy_and_stats(tmp_path, lm):
     assert pred.query_instruction in lm.engine.calls[-1][0]
     res = compiled.detailed_results
     assert len(res.iterations) == 2 and res.iterations[0].num_rollouts == 3 * 2
-    assert res.baseline_score == 1.0 and res.best_score == 1.0
+    assert res.baseline_score == 0.0 and res.best_score == 1.0
+    assert res.selected == 0 and res.selected_score == 1.0 and res.val_size == 3
     assert len(pm.train_calls) == 2
     # accumulate=True by default: iteration 1 trains on both iterations' data
     assert len(pm.train_calls[1][0]) > len(pm.train_calls[0][0]) > 0
@@ -187,7 +193,7 @@ def test_save_and_load_round_trip(tmp_path, lm):
     (dict(metric=lambda: 1, auto="light"), TypeError, "metric"),
     (dict(auto="extreme"), ValueError, "auto must be one of"),
     (dict(auto="light", num_iterations=2), ValueError, "either auto"),
-    (dict(), ValueError, "Set a budget"),
+    (dict(auto="light", min_improvement=-0.1), ValueError, "min_improvement"),
     (dict(num_iterations=-1), ValueError, "num_iterations"),
     (dict(auto="light", num_threads=0), ValueError, "num_threads"),
     (dict(auto="light", prompt_model=42), TypeError, "prompt_model"),
@@ -247,3 +253,62 @@ def test_an_untrainable_prompt_model_is_refused_up_front():
     with pytest.raises(TypeError, match="cannot be fine-tuned"):
         TRPromptOptimizer(metric=numeric_metric, auto="light",
                           prompt_model=LMInstructionWriter(scripted_lm(arithmetic_responder)))
+
+
+# -- no-regression selection: the student is candidate 0 ------------------------------------------------
+@pytest.mark.parametrize("helps,margin,expected", [
+    (True, 0.0, 0),           # the instructions fix every answer: the trained iteration is returned
+    (True, 1.0, "student"),   # ... but not by more than a margin of 1.0
+    (None, 0.0, "student"),   # a tie (the student is already right everywhere) keeps the student
+    (False, 0.0, "student"),  # the instructions break every answer: the student is returned
+])
+def test_compile_never_returns_a_program_below_the_student_on_the_valset(tmp_path, helps, margin, expected):
+    responder = arithmetic_responder if helps is None else instruction_following_responder(MARKER, helps=helps)
+    dspy.configure(lm=scripted_lm(responder, "target"))
+    student = MathCoT()
+    compiled, _, _ = compile_small(tmp_path, program=student, min_improvement=margin)
+    res = compiled.detailed_results
+    assert res.selected == expected and compiled is not student
+    assert res.selected_score >= res.baseline_score
+    assert res.selected_score == (res.baseline_score if expected == "student" else res.best_score)
+    assert len(res.iterations) == 2  # every iteration ran; selection only decides what is returned
+    if expected == "student":
+        assert type(compiled.cot.predict) is dspy.Predict and compiled._compiled
+        assert "query_instruction" not in compiled(question="What is 2 + 3?")
+    else:
+        assert isinstance(compiled.cot.predict, QueryAwarePredict)
+    # the returned program really scores what the record says on the valset
+    score = dspy.Evaluate(devset=make_data(3, offset=50), metric=numeric_metric, display_progress=False)(compiled)
+    assert float(score.score) / 100 == res.selected_score
+
+
+def test_min_improvement_none_returns_the_best_iteration_even_below_the_student(tmp_path):
+    dspy.configure(lm=scripted_lm(instruction_following_responder(MARKER, helps=False), "target"))
+    compiled, _, _ = compile_small(tmp_path, min_improvement=None)
+    res = compiled.detailed_results
+    assert res.selected == 0 and res.best_score == 0.0 < res.baseline_score == 1.0
+    assert isinstance(compiled.cot.predict, QueryAwarePredict)
+
+
+def test_a_student_selection_saves_and_loads_as_the_plain_program(tmp_path):
+    dspy.configure(lm=scripted_lm(arithmetic_responder, "target"))
+    student = MathCoT()
+    student.cot.predict.signature = student.cot.predict.signature.with_instructions("Custom student instructions.")
+    compiled, _, _ = compile_small(tmp_path, program=student)
+    assert compiled.detailed_results.selected == "student"
+    assert compiled.cot.predict.signature.instructions == "Custom student instructions."  # kept as given
+    save_compiled(compiled, tmp_path / "artifact")
+    side = json.loads((tmp_path / "artifact" / "trprompt.json").read_text())
+    assert side["selected"] == "student" and side["predictors"] == {} and side["adapter_path"] is None
+    loaded = load_compiled(MathCoT(), tmp_path / "artifact")
+    assert type(loaded.cot.predict) is dspy.Predict
+    assert loaded.cot.predict.signature.instructions == "Custom student instructions."
+    assert loaded(question="What is 2 + 3?").answer == "5"
+
+
+def test_no_budget_argument_means_auto_light():
+    from trprompt_dspy.config import AUTO_BUDGETS, DEFAULT_AUTO
+
+    opt = TRPromptOptimizer(metric=numeric_metric)
+    assert DEFAULT_AUTO == "light" and opt.budget.__dict__ == {**AUTO_BUDGETS["light"], "max_metric_calls": None}
+    assert opt.budget.val_size >= 50

@@ -31,6 +31,7 @@ from trprompt_dspy.program import (
     query_aware_predictors,
 )
 from trprompt_dspy.prompt_model.base import PromptModel
+from trprompt_dspy.results import STUDENT
 
 __all__ = ["save_compiled", "load_compiled", "FORMAT_VERSION"]
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy"}
-_SIDECAR_KEYS = {"format_version", "created_at", "program_file", "program_class", "prompt_model", "base_model",
+_SIDECAR_KEYS = {"format_version", "selected", "created_at", "program_file", "program_class", "prompt_model", "base_model",
                  "adapter_path", "optimal_reward", "generation", "predictors", "versions"}
 
 
@@ -111,6 +112,8 @@ def save_compiled(program: dspy.Module, path_dir: str | Path, *, prompt_model: P
         >>> loaded = load_compiled(MyProgram(), "artifacts/qa", prompt_model=pm)  # doctest: +SKIP
     """
     preds = query_aware_predictors(program)
+    if not preds and getattr(program, "trprompt_selected", None) == STUDENT:
+        return _save_student(program, Path(path_dir))
     if not preds:
         raise ValueError(f"{type(program).__name__} has no QueryAwarePredict; nothing TRPrompt-specific to save. "
                          "Use program.save(...) for plain programs.")
@@ -119,14 +122,7 @@ def save_compiled(program: dspy.Module, path_dir: str | Path, *, prompt_model: P
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"save_compiled needs a folder path; {str(out)!r} is a file.")
     out.mkdir(parents=True, exist_ok=True)
-    from dspy.utils.saving import get_dependency_versions
-
-    state = program.dump_state(json_mode=True)
-    state["metadata"] = {"dependency_versions": get_dependency_versions()}
-    try:
-        program_text = json.dumps(state, indent=2, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"The program state is not JSON-serialisable ({exc}); TRPrompt artifacts are JSON-only.") from exc
+    program_text = _program_text(program)
     adapter_rel = None
     if pm.adapter_path:
         _copy_adapter(Path(pm.adapter_path), out / "adapter")
@@ -155,6 +151,35 @@ def save_compiled(program: dspy.Module, path_dir: str | Path, *, prompt_model: P
     return out
 
 
+def _program_text(program: dspy.Module) -> str:
+    from dspy.utils.saving import get_dependency_versions
+
+    state = program.dump_state(json_mode=True)
+    state["metadata"] = {"dependency_versions": get_dependency_versions()}
+    try:
+        return json.dumps(state, indent=2, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"The program state is not JSON-serialisable ({exc}); TRPrompt artifacts are JSON-only.") from exc
+
+
+def _save_student(program: dspy.Module, out: Path) -> Path:
+    """Save a compile that returned the student (no iteration beat it): its state and a sidecar saying so."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save_compiled needs a folder path; {str(out)!r} is a file.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "program.json", _program_text(program))
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "program_file": "program.json",
+        "program_class": f"{type(program).__module__}.{type(program).__qualname__}",
+        "selected": STUDENT, "predictors": {}, "adapter_path": None, "versions": _versions(),
+    }
+    atomic_write_text(out / "trprompt.json", json.dumps(sidecar, indent=2, ensure_ascii=False, default=str))
+    logger.info("Saved the student program to %s (the compile selected the student: no iteration beat it).", out)
+    return out
+
+
 def _read_sidecar(folder: Path) -> dict[str, Any]:
     side = folder / "trprompt.json"
     if not side.is_file() or not (folder / "program.json").is_file():
@@ -176,6 +201,8 @@ def _read_sidecar(folder: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - _SIDECAR_KEYS)
     if unknown:
         logger.warning("Ignoring unknown key(s) %s in %s.", unknown, side)
+    if data.get("selected") == STUDENT and data.get("predictors") == {}:
+        return data
     if not isinstance(data.get("predictors"), dict) or not data["predictors"]:
         raise ValueError(f"{str(side)!r} lists no query-aware predictors ('predictors' must be a non-empty object).")
     return data
@@ -262,6 +289,12 @@ def load_compiled(
         raise TypeError(f"program must be a dspy.Module instance (e.g. MyProgram()); got {type(program).__name__}.")
     folder = Path(path_dir)
     side = _read_sidecar(folder)
+    if side.get("selected") == STUDENT:
+        program.load(str(_program_file(folder, side.get("program_file", "program.json"))))
+        program.trprompt_selected = STUDENT
+        logger.info("%s holds the student program (the compile selected the student); it runs without a "
+                    "prompt model.", folder)
+        return program
     adapter = _resolve_adapter(folder, side.get("adapter_path"))
     names = [n for n, _ in program.named_predictors()]
     saved = side["predictors"]

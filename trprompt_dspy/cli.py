@@ -203,7 +203,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     save_compiled(compiled, args.out)
     res = compiled.detailed_results
     best = "n/a" if res.best_score is None else f"{res.best_score:.3f}"
-    print(f"validation: baseline {res.baseline_score:.3f} -> compiled {best}; saved to {args.out}")
+    chosen = "the student (no iteration beat it)" if res.selected == "student" else f"iteration {res.selected}"
+    print(f"validation ({res.val_size} examples): student {res.baseline_score:.3f}, best iteration {best}; "
+          f"returned {chosen}; saved to {args.out}")
     return 0
 
 

@@ -21,16 +21,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["AUTO_BUDGETS", "AutoLevel", "Budget", "LoraSettings", "SFTSettings"]
+__all__ = ["AUTO_BUDGETS", "DEFAULT_AUTO", "AutoLevel", "Budget", "LoraSettings", "SFTSettings"]
 
 AutoLevel = Literal["light", "medium", "heavy"]
 
-#: Loop sizes per ``auto`` level. ``val_size`` caps how many validation examples score each candidate.
+#: The budget when no budget argument is given (``TRPromptOptimizer(metric=...)``).
+DEFAULT_AUTO: AutoLevel = "light"
+
+#: Loop sizes per ``auto`` level. ``val_size`` caps how many validation examples score each candidate
+#: (the student included). Selection needs enough of them to tell candidates apart: with 24 examples one
+#: example is 4 points, and the 2026-11 demo's selection was noise; 50 resolves 2 points per example.
 AUTO_BUDGETS: dict[str, dict[str, int]] = {
     "light": dict(num_iterations=2, queries_per_iteration=12, prompts_per_query=2,
-                  textgrad_steps=1, textgrad_batch_size=4, val_size=24),
+                  textgrad_steps=1, textgrad_batch_size=4, val_size=50),
     "medium": dict(num_iterations=3, queries_per_iteration=32, prompts_per_query=3,
-                   textgrad_steps=2, textgrad_batch_size=6, val_size=64),
+                   textgrad_steps=2, textgrad_batch_size=6, val_size=100),
     "heavy": dict(num_iterations=5, queries_per_iteration=64, prompts_per_query=4,
                   textgrad_steps=3, textgrad_batch_size=8, val_size=200),
 }
@@ -57,7 +62,9 @@ class Budget:
         >>> b.num_iterations, b.queries_per_iteration, b.prompts_per_query, b.max_metric_calls
         (3, 12, 2, 500)
         >>> Budget.from_auto("medium").val_size
-        64
+        100
+        >>> Budget.resolve(None, {}, None).val_size  # no budget argument: auto="light"
+        50
     """
 
     num_iterations: int
@@ -87,7 +94,10 @@ class Budget:
 
     @classmethod
     def resolve(cls, auto: str | None, counts: dict[str, int | None], max_metric_calls: int | None) -> Budget:
-        """Build a budget from ``auto`` *or* explicit counts (unset counts default to ``"light"``)."""
+        """Build a budget from ``auto`` *or* explicit counts (unset counts default to ``"light"``).
+
+        With neither, the budget is :data:`DEFAULT_AUTO` (``max_metric_calls`` still caps it).
+        """
         given = {k: v for k, v in counts.items() if v is not None}
         unknown = set(given) - set(_COUNT_FIELDS)
         if unknown:
@@ -97,11 +107,8 @@ class Budget:
                 "Set either auto=... or explicit counts, not both. "
                 f"You set auto={auto!r} and {', '.join(f'{k}={v!r}' for k, v in given.items())}."
             )
-        if auto is None and not given and max_metric_calls is None:
-            raise ValueError(
-                "Set a budget: auto='light'|'medium'|'heavy', or explicit counts such as "
-                "num_iterations=2, queries_per_iteration=16, prompts_per_query=2 (or max_metric_calls=...)."
-            )
+        if auto is None and not given:
+            auto = DEFAULT_AUTO  # like MIPROv2: no budget argument means the light preset
         if auto is not None:
             return cls.from_auto(auto, max_metric_calls=max_metric_calls)
         return cls(**{**AUTO_BUDGETS["light"], **given}, max_metric_calls=max_metric_calls)

@@ -29,7 +29,7 @@ from trprompt_dspy.faults import (
     classify_error,
 )
 from trprompt_dspy.prompt_model.base import PromptModel, SFTExample
-from trprompt_dspy.results import IterationStats, TRPromptResult
+from trprompt_dspy.results import STUDENT, IterationStats, TRPromptResult
 from trprompt_dspy.usage import UsageMeter
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class TRPromptRun:
         self.stats: list[IterationStats] = []
         self.best: dict[str, Any] = {"iteration": None, "score": None, "adapter": None, "t_star": self.t_star}
         self.baseline_score: float | None = None
+        self.selected: int | str = STUDENT
         self.started = time.perf_counter()
         self.retry = RetryPolicy(max_retries=optimizer.max_retries, base_delay=optimizer.retry_backoff,
                                  seed=optimizer.seed, on_retry=lambda kind, _a, _e: meter.fail(f"retried_{kind}"))
@@ -116,14 +117,46 @@ class TRPromptRun:
             (self.run_dir.root / "last_error.json").unlink(missing_ok=True)
             tokens = {m: {k: int(v) for k, v in u.items() if isinstance(v, (int, float))}
                       for m, u in tracker.get_total_tokens().items()}
-        if self.best["iteration"] is None:
-            logger.warning("No TRPrompt iteration completed (budget exhausted); returning a copy of the student.")
+        self.selected = self._select()
+        if self.selected == STUDENT:
             program = self.student.deepcopy()
+            program._compiled = True
+            program.trprompt_selected = STUDENT  # save_compiled saves it as the student
         else:
             self._finalize(program)
         if self.opt.track_stats:
             program.detailed_results = self._result(tokens)
         return program
+
+    # -- selection: the student is candidate 0 ----------------------------------------------------
+    def _select(self) -> int | str:
+        """The candidate ``compile`` returns: the best iteration only if it beats the student on the valset.
+
+        The student as given is candidate 0, scored on the same valset as every iteration
+        (``baseline_score``). An iteration is returned only if its score exceeds the student's by more
+        than ``min_improvement`` (strictly: a tie keeps the student); otherwise ``compile`` returns a copy
+        of the student, so the result is never below the student on the valset. ``min_improvement=None``
+        turns the guard off (the best iteration is returned whatever it scored: for studies of the
+        trained program itself).
+        """
+        best, student = self.best["score"], self.baseline_score
+        if self.best["iteration"] is None:
+            logger.warning("No TRPrompt iteration completed (budget exhausted); returning a copy of the student.")
+            return STUDENT
+        margin = self.opt.min_improvement
+        if margin is None or student is None or best > student + margin:
+            if margin is None and student is not None and best <= student:
+                logger.warning("min_improvement=None: returning iteration %d (%.3f on the valset) although the "
+                               "student scored %.3f.", self.best["iteration"], best, student)
+            else:
+                logger.info("Selected iteration %d: %.3f on %d validation examples vs the student's %.3f.",
+                            self.best["iteration"], best, len(self.valset), student or 0.0)
+            return int(self.best["iteration"])
+        logger.warning(
+            "No iteration beat the student on the valset (best: iteration %d with %.3f vs the student's %.3f on %d "
+            "examples; min_improvement=%g): returning a copy of the student. The trained adapters stay in %s.",
+            self.best["iteration"], best, student, len(self.valset), margin, self.run_dir.root)
+        return STUDENT
 
     def _iteration(self, k: int, program: dspy.Module) -> None:
         from trprompt_dspy.program import query_aware_predictors
@@ -404,17 +437,14 @@ class TRPromptRun:
         for _, p in query_aware_predictors(program):
             p.optimal_reward = self.best.get("t_star") or self.t_star
         program._compiled = True
-        if self.best["score"] is not None and self.baseline_score is not None \
-                and self.best["score"] < self.baseline_score:
-            logger.warning(
-                "The best TRPrompt iteration (%.3f) scored below the uncompiled student (%.3f) on the valset.",
-                self.best["score"], self.baseline_score)
 
     def _result(self, tokens: dict[str, dict[str, int]]) -> TRPromptResult:
         snap = self.meter.snapshot()
         return TRPromptResult(
             iterations=tuple(self.stats), best_iteration=self.best["iteration"],
             baseline_score=self.baseline_score, best_score=self.best["score"],
+            selected=self.selected, val_size=len(self.valset),
+            selected_score=self.baseline_score if self.selected == STUDENT else self.best["score"],
             t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
             failures=snap["failures"], seed=self.opt.seed, log_dir=str(self.run_dir.root),
             budget=dict(self.budget.__dict__), seconds=time.perf_counter() - self.started,

@@ -27,7 +27,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from trprompt_dspy.checkpoint import RunDirectory
-from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+from trprompt_dspy.config import AUTO_BUDGETS, DEFAULT_AUTO, Budget, LoraSettings, SFTSettings
 from trprompt_dspy.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptModel
 from trprompt_dspy.usage import UsageMeter
 from trprompt_dspy.validation import (
@@ -78,13 +78,21 @@ class TRPromptOptimizer(Teleprompter):
         textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``.
         seed_lm: If set, iteration 0's instructions come from this (stronger) ``dspy.LM`` instead of the
             untrained Π, which tends to solve the query instead of writing an instruction.
-        auto: Budget preset, ``"light"``, ``"medium"`` or ``"heavy"``. Set this *or* explicit counts.
+        auto: Budget preset, ``"light"``, ``"medium"`` or ``"heavy"``. Set this *or* explicit counts; with
+            neither, ``"light"`` applies (:data:`~trprompt_dspy.config.DEFAULT_AUTO`, logged at compile).
         num_iterations: K, the outer iterations.
         queries_per_iteration: Training queries rolled out per iteration.
         prompts_per_query: M, instructions sampled per query.
         textgrad_steps: TextGrad updates of t* per iteration (0 disables refinement).
         textgrad_batch_size: Queries per TextGrad minibatch.
-        val_size: Validation examples that score each iteration.
+        val_size: Validation examples that score the student and each iteration (light 50, medium 100,
+            heavy 200). With ``valset=None`` they are held out of the trainset, so they never serve as
+            rollout or TextGrad queries.
+        min_improvement: No-regression selection. The student as given is candidate 0, scored on the same
+            valset as every iteration; ``compile`` returns the best iteration only if it beats the student by
+            more than this (in metric units; ``0.0``: strictly better, a tie keeps the student), and a copy of
+            the student otherwise (``detailed_results.selected == "student"``). ``None`` returns the best
+            iteration whatever it scored (for studying the trained program).
         max_metric_calls: Budget of metric calls (program runs), checked before each iteration; an
             iteration's rollouts are sized to fit what is left, but its TextGrad minibatches and validation
             may exceed the cap by up to ``2 * textgrad_steps * textgrad_batch_size + val_size``.
@@ -142,6 +150,8 @@ class TRPromptOptimizer(Teleprompter):
         textgrad_batch_size: int | None = None,
         val_size: int | None = None,
         max_metric_calls: int | None = None,
+        # Selection
+        min_improvement: float | None = 0.0,
         # Prompt-model training
         lora: LoraSettings | dict[str, Any] | None = None,
         sft: SFTSettings | dict[str, Any] | None = None,
@@ -177,6 +187,9 @@ class TRPromptOptimizer(Teleprompter):
             max_metric_calls,
         )
         self.auto = auto
+        if min_improvement is not None:
+            check_number("min_improvement", min_improvement, low=0.0)
+        self.min_improvement = None if min_improvement is None else float(min_improvement)
         from trprompt_dspy.stack import check_prompt_model_spec
 
         check_prompt_model_spec(prompt_model)
@@ -248,6 +261,8 @@ class TRPromptOptimizer(Teleprompter):
         """
         from trprompt_dspy.loop import TRPromptRun
 
+        if self.auto is None and self.budget == Budget.from_auto(DEFAULT_AUTO, max_metric_calls=self.budget.max_metric_calls):
+            logger.info("No budget given: using auto=%r (%s).", DEFAULT_AUTO, AUTO_BUDGETS[DEFAULT_AUTO])
         if teacher is not None:
             raise ValueError("TRPromptOptimizer does not use a teacher program; call compile(..., teacher=None).")
         names = validate_program(student)
@@ -304,7 +319,13 @@ class TRPromptOptimizer(Teleprompter):
             n_val = min(self.budget.val_size, max(1, len(trainset) // 4))
             valset = [trainset[i] for i in order[:n_val]]
             trainset = [trainset[i] for i in order[n_val:]]
-            logger.info("No valset given: holding out %d of the trainset examples for selection.", n_val)
+            logger.info("No valset given: holding out %d of the trainset examples for selection (never used as "
+                        "rollout or TextGrad queries).", n_val)
+            if n_val < self.budget.val_size:
+                logger.warning(
+                    "Only %d validation examples (the budget asks for %d): one example moves a score by %.0f points, "
+                    "so selection cannot tell small gains from noise. Pass a larger trainset (%d+ examples) or a "
+                    "valset.", n_val, self.budget.val_size, 100 / n_val, 4 * self.budget.val_size)
         elif len(valset) > self.budget.val_size:
             valset = [valset[i] for i in sorted(rng.sample(range(len(valset)), self.budget.val_size))]
         return trainset, valset

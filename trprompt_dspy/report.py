@@ -114,9 +114,11 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ax.plot(xs, [float("nan") if v is None else v for v in val], "o-", label="validation score")
         ax.plot([it["iteration"] for it in iters], [it.get("rollout_score") for it in iters], "s--",
                 label="rollout score (sampled instructions)")
-        best = stats.get("best_iteration")
-        if best is not None:
-            ax.axvline(best, color="grey", ls=":", label=f"selected: iteration {best}")
+        chosen = stats.get("selected", stats.get("best_iteration"))
+        if isinstance(chosen, int):
+            ax.axvline(chosen, color="grey", ls=":", label=f"selected: iteration {chosen}")
+        elif chosen == "student":
+            ax.axvline(-1, color="grey", ls=":", label="selected: the student")
         ax.set_xticks(xs, ["baseline"] + [str(x) for x in xs[1:]])
         ax.set_xlabel("iteration")
         ax.set_ylabel("mean metric score")
@@ -229,8 +231,9 @@ def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), 
     stats = results.get("compile_stats")
     if stats:
         lines += ["", "## Compile", "",
-                  f"Validation: baseline {stats.get('baseline_score')} -> best {stats.get('best_score')} "
-                  f"(selected iteration: {stats.get('best_iteration')}).",
+                  f"Validation ({stats.get('val_size', '?')} examples): student {stats.get('baseline_score')}, best "
+                  f"iteration {stats.get('best_iteration')} {stats.get('best_score')}; returned: "
+                  f"{stats.get('selected', stats.get('best_iteration'))}.",
                   f"LM calls per role: {stats.get('lm_calls')}; failures: {stats.get('failures') or 'none'}.", ""]
         lines += ["| iteration | rollout score | validation | SFT examples | SFT steps | t* accepted | seconds |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -14,7 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IterationStats", "TRPromptResult"]
+__all__ = ["STUDENT", "IterationStats", "TRPromptResult"]
+
+#: ``TRPromptResult.selected`` (and ``trprompt.json["selected"]``) when ``compile`` returned the student.
+STUDENT = "student"
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,14 @@ class TRPromptResult:
 
     Attributes:
         iterations: One :class:`IterationStats` per completed iteration.
-        best_iteration: The selected iteration (``None``: the uncompiled baseline was best).
-        baseline_score / best_score: Validation scores of the student and of the returned program.
+        best_iteration: The iteration with the highest validation score (``None``: none completed).
+        baseline_score: Validation score of the student as given (candidate 0).
+        best_score: Validation score of the best iteration.
+        selected: What ``compile`` returned: ``"student"`` (a copy of the student, because no iteration beat it
+            by more than ``min_improvement`` on the valset) or the index of the returned iteration.
+        selected_score: Validation score of the returned program (never below ``baseline_score`` unless
+            ``min_improvement=None``).
+        val_size: Validation examples every candidate was scored on.
         t_star_history: Every accepted value of the optimal textual reward, oldest first.
         lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
         lm_tokens: Token usage per model name (input and output tokens).
@@ -116,6 +125,9 @@ class TRPromptResult:
     seconds: float
     instructions: dict[str, Any] = field(default_factory=dict)
     prompt_model: dict[str, Any] = field(default_factory=dict)
+    selected: int | str = STUDENT
+    selected_score: float | None = None
+    val_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

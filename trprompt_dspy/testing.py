@@ -45,7 +45,8 @@ import dspy
 
 from trprompt_dspy.prompt_model.fake import FakePromptModel
 
-__all__ = ["FakePromptModel", "ScriptedEngine", "scripted_lm", "arithmetic_responder", "addition_examples"]
+__all__ = ["FakePromptModel", "ScriptedEngine", "scripted_lm", "arithmetic_responder",
+           "instruction_following_responder", "addition_examples"]
 
 
 class ScriptedEngine:
@@ -159,6 +160,31 @@ def arithmetic_responder(system: str, user: str) -> str:
             value = f"{f} text"
         parts.append(f"[[ ## {f} ## ]]\n{value}")
     return "\n\n".join(parts) + "\n\n[[ ## completed ## ]]"
+
+
+def instruction_following_responder(marker: str, *, helps: bool = True) -> Callable[[str, str], str]:
+    """An :func:`arithmetic_responder` whose answers depend on the instruction in the system prompt.
+
+    With ``helps=True`` the sum is right only when ``marker`` appears in the system prompt (so a program
+    whose prompt model writes an instruction holding ``marker`` beats the plain student); with
+    ``helps=False`` it is right only when ``marker`` is absent (the instruction hurts). Wrong answers are
+    the sum plus one. Use it to exercise no-regression selection offline.
+
+    Example:
+        >>> fn = instruction_following_responder("state the sum")
+        >>> sys_plain = "Your output fields are:\n1. `answer` (str)\n\n"
+        >>> fn(sys_plain, "What is 2 + 5?").split("\n")[1], fn(sys_plain + "Please state the sum.", "What is 2 + 5?").split("\n")[1]
+        ('8', '7')
+    """
+    def respond(system: str, user: str) -> str:
+        reply = arithmetic_responder(system, user)
+        if (marker in system) == helps or "[[ ## answer ## ]]" not in reply:
+            return reply
+        question = user.split("[[ ## question ## ]]")[-1] if "[[ ## question ## ]]" in user else user
+        right = _sum_in(question)
+        return reply.replace(f"[[ ## answer ## ]]\n{right}\n", f"[[ ## answer ## ]]\n{int(right) + 1}\n", 1)
+
+    return respond
 
 
 def addition_examples(n: int, start: int = 0) -> list[dspy.Example]:
