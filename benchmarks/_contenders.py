@@ -238,6 +238,10 @@ def _plan_trprompt(ctx: PlanInput) -> Plan:
     q, k = max(1, min(q, ctx.train_size)), 2
     while q == ctx.train_size and k < 5 and trprompt_calls(p, q, v, k=k + 1) <= ctx.budget:
         k += 1  # every training query is used: spend the rest on more iterations
+    if q == ctx.train_size and k < 5:  # one more iteration on fewer queries each, if that keeps most of them
+        fit = max((q2 for q2 in range(1, q + 1) if trprompt_calls(p, q2, v, k=k + 1) <= ctx.budget), default=0)
+        if fit >= 0.75 * q:
+            q, k = fit, k + 1
     settings = {"num_iterations": k, "queries_per_iteration": q, "prompts_per_query": 2, "textgrad_steps": 1,
                 "textgrad_batch_size": 4, "val_size": v}
     return Plan(settings, trprompt_calls(p, q, v, k=k))

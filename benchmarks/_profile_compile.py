@@ -4,7 +4,7 @@ Run by ``benchmarks/test_cost_profile.py`` as a subprocess so its peak RSS is it
 target (in-process HF engine) and the prompt model, warms both with one call, records the peak RSS of
 the loaded stack (the baseline), compiles ``MathCoT`` for **one** TRPrompt iteration on bundled GSM8K
 examples, records the peak RSS again and the iteration's per-phase wall times, saves the compiled
-program with :func:`trprompt_dspy.artifact.save_compiled` and writes ``profile.json`` to the output folder.
+program with :func:`trprompt_dspy.compiled.artifact.save_compiled` and writes ``profile.json`` to the output folder.
 
 Usage::
 
@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from programs.math import MathCoT
     from trprompt_dspy import TRPromptOptimizer
-    from trprompt_dspy.artifact import save_compiled
-    from trprompt_dspy.datasets import load_dataset, load_fixed_split
-    from trprompt_dspy.metrics import gsm8k_feedback_metric
+    from trprompt_dspy.backends.prompt_model.base import InstructionRequest
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.compiled.artifact import save_compiled
     from trprompt_dspy.models import local_lm
-    from trprompt_dspy.prompt_model.base import InstructionRequest
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.tasks.datasets import load_dataset, load_fixed_split
+    from trprompt_dspy.tasks.metrics import gsm8k_feedback_metric
 
     rss_start = peak_rss_mb()
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._contenders import CONTENDERS, LABELS
-from benchmarks._stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
+from trprompt_dspy.apps.stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every configuration ("cell") is evaluated on the **same** fixed dev questions (`
 the test split) and compared with zero-shot CoT on those questions with paired statistics: accuracy with
 a Wilson 95 % interval, the discordant pairs (questions the configuration fixed / broke) and the exact
 McNemar p-value. All roles run on **one** vLLM server in single-base mode
-(:class:`~trprompt_dspy.stack.ModelStack`); a cell that asks for another prompt model builds it
+(:class:`~trprompt_dspy.backends.stack.ModelStack`); a cell that asks for another prompt model builds it
 in-process next to that server.
 
 Cells (``--cells``, in the order given; each is appended to ``<out>.cells.jsonl`` when it finishes, and a
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from benchmarks._stats import mcnemar_exact  # noqa: E402
+from trprompt_dspy.apps.stats import mcnemar_exact, wilson  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ablation_study")
 RESULTS = REPO / "benchmarks" / "results"
@@ -58,22 +57,6 @@ CELLS: dict[str, dict[str, Any]] = {
     "trprompt-light-budget96": {"opt": {"auto": "light", "max_instruction_tokens": 96}},
     "trprompt-medium": {"opt": {"auto": "medium"}},
 }
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson 95 % interval of a proportion ``k / n``.
-
-    Example:
-        >>> [round(x, 3) for x in wilson(25, 100)]
-        [0.176, 0.343]
-    """
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def compare(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,24 +94,32 @@ def _read_cells(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _evaluate(program: Any, data: list[Any], metric: Any, lm: Any, threads: int) -> dict[str, Any]:
-    import dspy
+    """Greedy evaluation with the library's own evaluator (``loop.rollouts.evaluate_program``).
+
+    Not ``dspy.Evaluate``: its straggler logic re-submits the last <= 3 unfinished examples after 120 s, and an
+    example that fails deterministically (greedy decoding: the same unparseable 768-token reply every time)
+    and takes longer than that is re-submitted forever (seen on 2026-12-01: 118 submissions for 100
+    questions, 20 minutes, never returning).
+    """
+    from trprompt_dspy.loop.rollouts import evaluate_program
 
     seen = len(lm.history)
     t0 = time.perf_counter()
-    result = dspy.Evaluate(devset=data, metric=metric, num_threads=threads, display_progress=True,
-                           max_errors=len(data) + 1, failure_score=0.0, provide_traceback=False)(program)
+    result = evaluate_program(program, data, metric=metric, num_threads=threads, display_progress=True)
     wall = time.perf_counter() - t0
     usage = [entry.get("usage") or {} for entry in lm.history[seen:]]
     completion = sum(int(u.get("completion_tokens") or 0) for u in usage)
     rows = []
-    for ex, pred, score in result.results:
-        answer = getattr(pred, "answer", None) if pred is not None else None
-        instruction = getattr(pred, "query_instruction", None) if pred is not None else None
-        rows.append({"idx": ex.get("idx"), "correct": int(bool(float(score))),
-                     "answer": None if answer is None else str(answer)[:120],
-                     **({"instruction": str(instruction)[:400]} if instruction is not None else {})})
+    for r in result.rollouts:
+        ex = data[r.example_index]
+        row = {"idx": ex.get("idx"), "correct": int(bool(float(r.score))), "answer": (r.outputs.get("answer") or "")[:120]}
+        if r.instructions:
+            row["instruction"] = " | ".join(str(c.get("instruction") or "") for c in r.instructions)[:400]
+        if r.error:
+            row["error_kind"] = r.error_kind
+        rows.append(row)
     rows.sort(key=lambda r: r["idx"])
-    return {"rows": rows, "eval_wall_s": round(wall, 1), "target_calls": len(usage),
+    return {"rows": rows, "eval_wall_s": round(wall, 1), "target_calls": len(usage), "evaluator": "evaluate_program",
             "target_prompt_tokens": sum(int(u.get("prompt_tokens") or 0) for u in usage),
             "target_completion_tokens": completion, "target_tok_per_s": round(completion / wall, 1) if wall else None}
 
@@ -138,11 +129,11 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
     """Run one cell and return its record (outcomes, timings, compile statistics)."""
     import dspy
 
-    from trprompt_dspy.cli import load_program
-    from trprompt_dspy.metrics import get_metric
+    from trprompt_dspy.apps.programs import load_program
+    from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.compiled.program import install_query_aware
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
-    from trprompt_dspy.program import install_query_aware
-    from trprompt_dspy.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.tasks.metrics import get_metric
 
     metric = get_metric(dataset)
     lm, threads = stack.target_lm, stack.num_threads
@@ -247,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import random
 
-    from trprompt_dspy.datasets import load_fixed_split
+    from trprompt_dspy.backends.stack import ModelStack
     from trprompt_dspy.models.dtype import cpu_info
-    from trprompt_dspy.stack import ModelStack
+    from trprompt_dspy.tasks.datasets import load_fixed_split
 
     dev = load_fixed_split(args.dataset, "dev", limit=args.n)
     pool = load_fixed_split(args.dataset, "train")

@@ -87,7 +87,7 @@ def load_benchmark_data(dataset: str, *, train_size: int, dev_size: int, test_si
     Training examples get a ``reasoning`` field from the gold solution (GSM8K calculator annotations
     removed), so labeled demos are complete chain-of-thought demos.
     """
-    from trprompt_dspy.datasets import load_fixed_split
+    from trprompt_dspy.tasks.datasets import load_fixed_split
 
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}.")
@@ -209,7 +209,7 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
              make_program: Any, target_inner: dspy.BaseLM, aux_inner: dspy.BaseLM | None, args: argparse.Namespace,
              work_dir: Path) -> dict[str, Any]:
     """Plan, compile and evaluate one (dataset, optimizer, seed); failures are recorded, not raised."""
-    from trprompt_dspy.metrics import get_metric
+    from trprompt_dspy.tasks.metrics import get_metric
 
     meter = CallMeter()
     target = counting_lm(target_inner, meter, role="target")
@@ -358,7 +358,7 @@ def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None
 
     ``target_inner``/``aux_inner`` override the LMs built from the flags (tests pass scripted LMs).
     """
-    from trprompt_dspy.cli import load_program
+    from trprompt_dspy.apps.programs import load_program
 
     t_start = time.perf_counter()
     results_dir = Path(args.results_dir)

@@ -96,11 +96,11 @@ def _compile_once(target: Any, prompt_model: str, python: Path, share: list[str]
                   dspy: Any) -> dict[str, Any]:
     """One TRPrompt iteration (4 queries x 2 prompts, no TextGrad, 4 validation examples)."""
     from programs.math import MathCoT
-    from trprompt_dspy.datasets import load_fixed_split
-    from trprompt_dspy.metrics import get_metric
+    from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
     from trprompt_dspy.optimizer import TRPromptOptimizer
-    from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
     from trprompt_dspy.serving import VLLMServer
+    from trprompt_dspy.tasks.datasets import load_fixed_split
+    from trprompt_dspy.tasks.metrics import get_metric
 
     t0 = time.perf_counter()
     train = load_fixed_split("gsm8k", "train", source="bundled", limit=8)

@@ -1,6 +1,6 @@
 """Inference overhead of a TRPrompt-compiled program against the plain one, on the real serving setup.
 
-Both programs run on **one** vLLM server started by :class:`~trprompt_dspy.stack.ModelStack` in
+Both programs run on **one** vLLM server started by :class:`~trprompt_dspy.backends.stack.ModelStack` in
 single-base mode (the target's base weights with LoRA enabled; the compiled program's prompt model is an
 adapter on them, loaded at run time), on the same GSM8K dev questions, at each concurrency level. For
 each (program, concurrency) cell it records wall time, target-LM calls, prompt/completion tokens per
@@ -43,9 +43,9 @@ RESULTS = REPO / "benchmarks" / "results"
 def _run_cell(program: Any, data: list[Any], lm: Any, threads: int, pm: Any) -> dict[str, Any]:
     import dspy
 
-    from trprompt_dspy.metrics import gsm8k_metric
-    from trprompt_dspy.prompt_model.base import instruction_stats
-    from trprompt_dspy.usage import UsageMeter
+    from trprompt_dspy.backends.prompt_model.base import instruction_stats
+    from trprompt_dspy.runtime.usage import UsageMeter
+    from trprompt_dspy.tasks.metrics import gsm8k_metric
 
     meter = UsageMeter()
     meter.assign(lm, "target")
@@ -127,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "LiteLLM", "litellm", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from trprompt_dspy.artifact import load_compiled
-    from trprompt_dspy.cli import load_program
-    from trprompt_dspy.datasets import load_fixed_split
+    from trprompt_dspy.apps.programs import load_program
+    from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
+    from trprompt_dspy.backends.stack import ModelStack
+    from trprompt_dspy.compiled.artifact import load_compiled
+    from trprompt_dspy.compiled.program import install_query_aware
     from trprompt_dspy.models.dtype import cpu_info
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD
-    from trprompt_dspy.program import install_query_aware
-    from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
-    from trprompt_dspy.stack import ModelStack
+    from trprompt_dspy.tasks.datasets import load_fixed_split
 
     data = load_fixed_split("gsm8k", "dev", source="bundled", limit=args.n)
     stamp = datetime.now(timezone.utc)

@@ -85,8 +85,8 @@ def write_profile():
 
 
 def _requests(n: int) -> list[Any]:
-    from trprompt_dspy.datasets import load_fixed_split
-    from trprompt_dspy.prompt_model.base import InstructionRequest
+    from trprompt_dspy.backends.prompt_model.base import InstructionRequest
+    from trprompt_dspy.tasks.datasets import load_fixed_split
 
     dev = load_fixed_split("gsm8k", "dev", source="bundled", limit=n)
     return [InstructionRequest("cot.predict", "question -> reasoning, answer", f"question: {ex.question}",
@@ -112,7 +112,7 @@ def _tokenizer():
 @pytest.mark.parametrize("batch", [1, 8])
 def test_prompt_model_hf_tokens_per_s(benchmark, batch):
     """HF backend: 8 greedy instructions, merged into batches of ``batch`` by the micro-batcher."""
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
 
     pm = HFPromptModel(PROMPT_MODEL, max_batch_size=batch)
     reqs = _requests(N_REQUESTS)
@@ -148,9 +148,9 @@ class TestVLLMBackend:
     @pytest.mark.parametrize("concurrency", [8, 32])
     def test_prompt_model_vllm_tokens_per_s(self, benchmark, vllm_server, concurrency):
         try:
-            from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+            from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
         except ImportError as exc:
-            pytest.skip(f"trprompt_dspy.prompt_model.vllm is unavailable: {exc}")
+            pytest.skip(f"trprompt_dspy.backends.prompt_model.vllm is unavailable: {exc}")
         pm = VLLMPromptModel(PROMPT_MODEL, server=vllm_server, max_concurrency=concurrency)
         reqs = _requests(N_REQUESTS) * (concurrency // N_REQUESTS)
         pm.generate(reqs[:1], max_new_tokens=4)  # connect and warm up outside the timing
@@ -171,10 +171,10 @@ class TestVLLMBackend:
 @pytest.mark.parametrize("rank", [8, 16])
 def test_sft_step_time(benchmark, tmp_path, rank):
     """LoRA SFT of the prompt model: 16 examples, batch 4, 1 epoch (4 optimizer steps)."""
+    from trprompt_dspy.backends.prompt_model.base import SFTExample
+    from trprompt_dspy.backends.prompt_model.lora_training import train_lora
     from trprompt_dspy.config import LoraSettings, SFTSettings
-    from trprompt_dspy.finetune import train_lora
     from trprompt_dspy.models import resolve_model
-    from trprompt_dspy.prompt_model.base import SFTExample
 
     examples = [SFTExample(r, "Work out each quantity step by step, then check the arithmetic before answering.")
                 for r in _requests(16)]
@@ -255,10 +255,10 @@ def test_inference_overhead_compiled_vs_plain(benchmark, tmp_path_factory):
     import dspy
 
     from programs.math import MathCoT
-    from trprompt_dspy.artifact import load_compiled
-    from trprompt_dspy.datasets import load_fixed_split
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.compiled.artifact import load_compiled
     from trprompt_dspy.models import local_lm
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.tasks.datasets import load_fixed_split
 
     if "compiled_dir" not in _STATE:
         _run_compile_child(tmp_path_factory.mktemp("profile_compile"))

@@ -4,7 +4,7 @@
 * :class:`programs.math.PlanAndSolve` — two predictors: ``plan`` writes a plan, ``solve`` follows it.
 
 Both take ``question`` and return ``answer``. Load one by dotted path, e.g. ``programs.math:MathCoT``
-(see :func:`trprompt_dspy.cli.load_program`).
+(see :func:`trprompt_dspy.apps.programs.load_program`).
 """
 
 from programs.math import MathCoT, PlanAndSolve

@@ -1,4 +1,4 @@
-"""Regenerate the small GSM8K subset bundled in ``trprompt_dspy/data/``.
+"""Regenerate the small GSM8K subset bundled in ``trprompt_dspy/tasks/data/``.
 
 The subset lets tests and demos run without the shared data folder. It holds:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trprompt_dspy.datasets import BUNDLED_DATA_DIR, resolve_data_dir  # noqa: E402
+from trprompt_dspy.tasks.datasets import BUNDLED_DATA_DIR, resolve_data_dir  # noqa: E402
 
 N_TRAIN, N_DEV, N_TEST = 200, 100, 100
 

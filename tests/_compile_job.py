@@ -15,7 +15,7 @@ import dspy
 from programs.math import MathCoT
 from tests.fakes import arithmetic_responder, scripted_lm
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
 
 
 def main() -> None:

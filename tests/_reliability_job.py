@@ -35,8 +35,8 @@ from programs.math import MathCoT
 from tests.fakes import ScriptedEngine, arithmetic_responder
 from trprompt_dspy import TRPromptOptimizer
 from trprompt_dspy._lazy import import_textgrad
-from trprompt_dspy.checkpoint import RunDirectory
-from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.runtime.checkpoint import RunDirectory
 
 BUDGET = dict(num_iterations=2, queries_per_iteration=3, prompts_per_query=2, textgrad_steps=1,
               textgrad_batch_size=2, val_size=2)

@@ -12,10 +12,10 @@ from trprompt_dspy.testing import (
            ScriptedEngine,
            arithmetic_responder,
            instruction_following_responder,
+           output_fields,
            scripted_lm,
 )
-from trprompt_dspy.testing import _output_fields as output_fields
-from trprompt_dspy.testing import _sum_in as solve
+from trprompt_dspy.testing import first_sum as solve
 
 __all__ = ["ScriptedEngine", "scripted_lm", "arithmetic_responder", "instruction_following_responder", "output_fields",
            "solve"]

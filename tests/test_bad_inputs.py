@@ -22,14 +22,15 @@ import pytest
 from programs.math import MathCoT, PlanAndSolve
 from tests.fakes import arithmetic_responder, scripted_lm
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.artifact import load_compiled, save_compiled
-from trprompt_dspy.checkpoint import LogDirMismatchError
-from trprompt_dspy.metric_adapter import MetricValueError
+from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExample
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.compiled.artifact import load_compiled, save_compiled
+from trprompt_dspy.compiled.program import install_query_aware
+from trprompt_dspy.loop.metric_adapter import MetricValueError
 from trprompt_dspy.models.presets import UnknownModelError
-from trprompt_dspy.program import install_query_aware
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample
-from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.runtime.checkpoint import LogDirMismatchError
 from trprompt_dspy.serving.http import ServerUnreachableError
+from trprompt_dspy.testing import addition_examples
 
 SMALL = dict(num_iterations=1, queries_per_iteration=2, prompts_per_query=1, textgrad_steps=0, val_size=2)
 
@@ -38,9 +39,6 @@ def metric(example, pred, trace=None):
     return float(pred.answer == example.answer)
 
 
-def data(n: int = 6, offset: int = 0) -> list[dspy.Example]:
-    return [dspy.Example(question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1)).with_inputs("question")
-            for i in range(offset, offset + n)]
 
 
 def unused_port() -> int:
@@ -62,7 +60,7 @@ class Env:
         return TRPromptOptimizer(**args)
 
     def compile(self, program=None, trainset=None, **kw) -> dspy.Module:
-        return self.opt(**kw).compile(program or MathCoT(), trainset=data() if trainset is None else trainset)
+        return self.opt(**kw).compile(program or MathCoT(), trainset=addition_examples(6) if trainset is None else trainset)
 
     def edit_artifact(self, fn: Callable[[Path], None]) -> Path:
         folder = self.tmp / "artifact_copy"

@@ -21,9 +21,9 @@ from benchmarks._contenders import (
     copro_calls,
     plan_contender,
 )
-from benchmarks._stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
 from benchmarks.compare_optimizers import load_benchmark_data, main
 from tests.fakes import arithmetic_responder, output_fields, scripted_lm
+from trprompt_dspy.apps.stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
 
 # ---------------------------------------------------------------------------------------------------
 # Counting wrapper

@@ -18,9 +18,10 @@ import pytest
 from programs.math import MathCoT
 from tests.fakes import ScriptedEngine, arithmetic_responder
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.program import install_query_aware
-from trprompt_dspy.prompt_model.fake import FakePromptModel
-from trprompt_dspy.rollouts import evaluate_program
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.compiled.program import install_query_aware
+from trprompt_dspy.loop.rollouts import evaluate_program
+from trprompt_dspy.testing import addition_examples
 
 BUDGET = dict(num_iterations=2, queries_per_iteration=6, prompts_per_query=2, textgrad_steps=1,
               textgrad_batch_size=3, val_size=4)
@@ -31,9 +32,6 @@ def metric(example, pred, trace=None):
     return float(str(getattr(pred, "answer", "")).strip() == str(example.answer))
 
 
-def data(n: int, offset: int = 0) -> list[dspy.Example]:
-    return [dspy.Example(question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1)).with_inputs("question")
-            for i in range(offset, offset + n)]
 
 
 def _strip(obj):
@@ -65,7 +63,7 @@ def _compile(tmp_path: Path, threads: int):
     pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.", delay=0.01)
     opt = TRPromptOptimizer(metric=metric, prompt_model=pm, log_dir=tmp_path / f"t{threads}", num_threads=threads,
                             display_progress=False, **BUDGET)
-    compiled = opt.compile(MathCoT(), trainset=data(14), valset=data(4, offset=50))
+    compiled = opt.compile(MathCoT(), trainset=addition_examples(14), valset=addition_examples(4, start=50))
     return compiled, pm
 
 
@@ -83,14 +81,14 @@ def test_compile_with_four_threads_matches_one_thread(tmp_path):
 
 @pytest.mark.integration
 def test_hf_prompt_model_greedy_results_do_not_depend_on_threads():
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
 
     pm = HFPromptModel("smollm2-135m-instruct", dtype="float32", max_batch_size=8, batch_wait_s=0.05)
     try:
         dspy.configure(lm=dspy.LM("local/target", engine=ScriptedEngine(arithmetic_responder), cache=False))
         program = install_query_aware(MathCoT(), prompt_model=pm, optimal_reward=REWARD,
                                       generation={"temperature": 0.0, "max_new_tokens": 10})
-        examples = data(4, offset=3)  # single-digit operands: equal prompt lengths, so no padding differences
+        examples = addition_examples(4, start=3)  # single-digit operands: equal prompt lengths, so no padding differences
         one = evaluate_program(program, examples, metric=metric, num_threads=1)
         batches_before = pm.batch_stats()["max_batch"]
         four = evaluate_program(program, examples, metric=metric, num_threads=4)
@@ -106,7 +104,7 @@ def test_hf_prompt_model_greedy_results_do_not_depend_on_threads():
 @pytest.mark.server
 def test_vllm_server_greedy_results_do_not_depend_on_threads():
     try:
-        from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+        from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
         from trprompt_dspy.serving import VLLMServer
     except ImportError as exc:  # pragma: no cover - the serving helper is optional
         pytest.skip(f"trprompt_dspy.serving is not available: {exc}")
@@ -124,7 +122,7 @@ def test_vllm_server_greedy_results_do_not_depend_on_threads():
         pm = VLLMPromptModel("smollm2-135m-instruct", server=server)
         program = install_query_aware(MathCoT(), prompt_model=pm, optimal_reward=REWARD,
                                       generation={"temperature": 0.0, "max_new_tokens": 24})
-        examples = data(8, offset=10)
+        examples = addition_examples(8, start=10)
         one = evaluate_program(program, examples, metric=metric, num_threads=1)
         four = evaluate_program(program, examples, metric=metric, num_threads=4)
         assert [r.instructions for r in one.rollouts] == [r.instructions for r in four.rollouts]

@@ -7,10 +7,10 @@ import json
 import dspy
 import pytest
 
-from trprompt_dspy.checkpoint import LogDirMismatchError, RunDirectory, atomic_replace_dir
 from trprompt_dspy.config import AUTO_BUDGETS, Budget, LoraSettings, SFTSettings
-from trprompt_dspy.usage import UsageMeter
-from trprompt_dspy.validation import validate_dataset, validate_program
+from trprompt_dspy.runtime.checkpoint import LogDirMismatchError, RunDirectory, atomic_replace_dir
+from trprompt_dspy.runtime.usage import UsageMeter
+from trprompt_dspy.runtime.validation import validate_dataset, validate_program
 
 
 def test_auto_budgets_grow_with_level():

@@ -1,4 +1,4 @@
-"""Tests for trprompt_dspy.datasets: bundled subset, shared-data layout, fixed splits, splitting, errors."""
+"""Tests for trprompt_dspy.tasks.datasets: bundled subset, shared-data layout, fixed splits, splitting, errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import datasets as hf_datasets
 import dspy
 import pytest
 
-import trprompt_dspy.datasets as tds
-from trprompt_dspy.datasets import (
+import trprompt_dspy.tasks.datasets as tds
+from trprompt_dspy.tasks.datasets import (
     BUNDLED_DATA_DIR,
     SHARED_DATA_ENV,
     load_dataset,
@@ -19,7 +19,7 @@ from trprompt_dspy.datasets import (
     resolve_data_dir,
     split_dataset,
 )
-from trprompt_dspy.metrics import extract_number, gsm8k_metric, math_metric
+from trprompt_dspy.tasks.metrics import extract_number, gsm8k_metric, math_metric
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = resolve_data_dir()

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from tests.fakes import arithmetic_responder, scripted_lm
-from trprompt_dspy import demo as demo_mod
-from trprompt_dspy.prompt_model.fake import FakePromptModel
-from trprompt_dspy.report import mcnemar_p, paired_outcomes, render_report, write_plots
+from trprompt_dspy.apps import demo as demo_mod
+from trprompt_dspy.apps.report import mcnemar_p, paired_outcomes, render_report, write_plots
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _gold_with_instruction(system: str, user: str) -> str:
     """A scripted target that gives the gold answer only when the prompt model's instruction is in its prompt,
     so the compiled program beats the student and no-regression selection returns the trained iteration."""
-    from trprompt_dspy.datasets import load_dataset, load_fixed_split
+    from trprompt_dspy.tasks.datasets import load_dataset, load_fixed_split
 
     reply = arithmetic_responder(system, user)
     if "[[ ## answer ## ]]" not in reply or "give the number" not in system:
@@ -34,7 +34,7 @@ def _gold_with_instruction(system: str, user: str) -> str:
 @pytest.fixture
 def fake_stack(monkeypatch):
     """ModelStack with a scripted target and the fake prompt model instead of servers (its checks stay real)."""
-    from trprompt_dspy.stack import ModelStack
+    from trprompt_dspy.backends.stack import ModelStack
 
     events: list[str] = []
 

@@ -1,4 +1,4 @@
-"""Tests for trprompt_dspy.finetune: dataset format, input errors, and real LoRA training on SmolLM2."""
+"""Tests for trprompt_dspy.backends.prompt_model.lora_training: dataset format, input errors, and real LoRA training on SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from trprompt_dspy.config import LoraSettings, SFTSettings
-from trprompt_dspy.finetune import (
+from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExample, build_messages
+from trprompt_dspy.backends.prompt_model.lora_training import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     TRAINING_INFO,
@@ -18,7 +18,7 @@ from trprompt_dspy.finetune import (
     lora_trainer,
     train_lora,
 )
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample, build_messages
+from trprompt_dspy.config import LoraSettings, SFTSettings
 
 PRESET = "smollm2-135m-instruct"
 
@@ -91,7 +91,7 @@ def test_train_lora_needs_model_and_tokenizer_together(tmp_path):
 @pytest.fixture(scope="module")
 def base():
     """SmolLM2 loaded once for the module, in the dtype train_lora itself would pick."""
-    from trprompt_dspy.finetune import bf16_supported
+    from trprompt_dspy.backends.prompt_model.lora_training import bf16_supported
     from trprompt_dspy.models import ModelSourceMissingError, load_causal_lm, resolve_model
 
     try:

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from trprompt_dspy.backends.prompt_model.base import InstructionRequest, PromptModel, SFTExample
+from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
 from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.models.batching import MicroBatcher
-from trprompt_dspy.prompt_model.base import InstructionRequest, PromptModel, SFTExample
-from trprompt_dspy.prompt_model.hf import HFPromptModel
 
 PRESET = "smollm2-135m-instruct"
 SMALL_SFT = SFTSettings(num_train_epochs=1, per_device_train_batch_size=4, max_length=256, learning_rate=3e-3)

@@ -17,9 +17,9 @@ import pytest
 from programs.math import MathCoT
 from tests.fakes import arithmetic_responder, scripted_lm
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.artifact import load_compiled, save_compiled
-from trprompt_dspy.datasets import load_fixed_split
-from trprompt_dspy.metrics import gsm8k_feedback_metric
+from trprompt_dspy.compiled.artifact import load_compiled, save_compiled
+from trprompt_dspy.tasks.datasets import load_fixed_split
+from trprompt_dspy.tasks.metrics import gsm8k_feedback_metric
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def _addition_data(n: int, offset: int = 0) -> list[dspy.Example]:
 
 @pytest.fixture(scope="module")
 def prompt_model():
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
 
     return HFPromptModel("smollm2-135m-instruct")
 
@@ -72,7 +72,7 @@ def test_real_prompt_model_is_trained_saved_and_reloaded(tmp_path, prompt_model)
     first = compiled(question=q)
     assert first.query_instruction and first.answer == "27"
     save_compiled(compiled, tmp_path / "artifact")
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
 
     fresh_pm = HFPromptModel("smollm2-135m-instruct")
     reloaded = load_compiled(MathCoT(), tmp_path / "artifact", prompt_model=fresh_pm)
@@ -115,9 +115,9 @@ class _LenientAdapter(dspy.ChatAdapter):
 def test_single_base_compile_in_process(tmp_path):
     """Single-base mode end to end with real weights: the target is a local model and ``prompt_model`` is left
     at its default, so the prompt model is a LoRA adapter on the target's own base (SmolLM2 in both roles)."""
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
     from trprompt_dspy.models import local_lm
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
-    from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
 
     target = local_lm("smollm2-135m-instruct", max_tokens=24, temperature=0.0)
     reward = scripted_lm(arithmetic_responder)

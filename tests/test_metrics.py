@@ -1,4 +1,4 @@
-"""Tests for trprompt_dspy.metrics: answer extraction, GSM8K/GSM-Hard/MATH metrics, feedback, registry."""
+"""Tests for trprompt_dspy.tasks.metrics: answer extraction, GSM8K/GSM-Hard/MATH metrics, feedback, registry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 
-from trprompt_dspy.metrics import (
+from trprompt_dspy.tasks.metrics import (
     FEEDBACK_METRICS,
     METRICS,
     extract_boxed,

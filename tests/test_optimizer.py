@@ -10,10 +10,11 @@ import pytest
 from programs.math import MathCoT, PlanAndSolve
 from tests.fakes import arithmetic_responder, instruction_following_responder, scripted_lm
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.artifact import load_compiled, save_compiled
-from trprompt_dspy.checkpoint import LogDirMismatchError
-from trprompt_dspy.program import QueryAwarePredict, query_aware_predictors
-from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.compiled.artifact import load_compiled, save_compiled
+from trprompt_dspy.compiled.program import QueryAwarePredict, query_aware_predictors
+from trprompt_dspy.runtime.checkpoint import LogDirMismatchError
+from trprompt_dspy.testing import addition_examples
 
 SMALL = dict(num_iterations=2, queries_per_iteration=3, prompts_per_query=2, textgrad_steps=1,
              textgrad_batch_size=2, val_size=3)
@@ -28,9 +29,6 @@ def feedback_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
     return dspy.Prediction(score=float(ok), feedback="FEEDBACK-MARKER: " + ("correct" if ok else "wrong sum"))
 
 
-def make_data(n: int, offset: int = 0) -> list[dspy.Example]:
-    return [dspy.Example(question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1)).with_inputs("question")
-            for i in range(offset, offset + n)]
 
 
 #: The fake prompt model's instructions hold it; the target answers right only when it sees it, so the
@@ -54,7 +52,7 @@ def compile_small(tmp_path, pm=None, metric=numeric_metric, program=None, **kw):
     pm = pm or fake_pm()
     opt = TRPromptOptimizer(metric=metric, prompt_model=pm, log_dir=tmp_path / "log", display_progress=False,
                             **{**SMALL, **kw})
-    compiled = opt.compile(program or MathCoT(), trainset=make_data(8), valset=make_data(3, offset=50))
+    compiled = opt.compile(program or MathCoT(), trainset=addition_examples(8), valset=addition_examples(3, start=50))
     return compiled, pm, opt
 
 
@@ -158,7 +156,7 @@ def test_a_bare_predict_student_becomes_query_aware(tmp_path, lm):
     pm = fake_pm()
     opt = TRPromptOptimizer(metric=numeric_metric, prompt_model=pm, log_dir=tmp_path / "log",
                             display_progress=False, **{**SMALL, "num_iterations": 1})
-    compiled = opt.compile(dspy.Predict("question -> answer"), trainset=make_data(8), valset=make_data(2, 50))
+    compiled = opt.compile(dspy.Predict("question -> answer"), trainset=addition_examples(8), valset=addition_examples(2, 50))
     assert isinstance(compiled, QueryAwarePredict)
     assert compiled(question="What is 2 + 3?").query_instruction
 
@@ -225,7 +223,7 @@ def test_compile_rejects_bad_input_before_work(tmp_path, lm, case, match):
     opt = TRPromptOptimizer(metric=numeric_metric, prompt_model=pm, log_dir=tmp_path, display_progress=False,
                             predictors=["nope"] if case == "unknown_predictor" else None, **SMALL)
     train = {"empty": [], "no_inputs": [dspy.Example(question="q", answer="1")],
-             "one_example": make_data(1)}.get(case, make_data(4))
+             "one_example": addition_examples(1)}.get(case, addition_examples(4))
     with pytest.raises((ValueError, TypeError), match=match):
         opt.compile(MathCoT(), trainset=train, teacher=MathCoT() if case == "teacher" else None)
     assert pm.calls == [] and len(lm.engine.calls) == 0
@@ -235,7 +233,7 @@ def test_missing_lm_and_broken_metric_fail_fast(tmp_path):
     opt = TRPromptOptimizer(metric=numeric_metric, prompt_model=FakePromptModel(), log_dir=tmp_path / "a",
                             display_progress=False, **SMALL)
     with pytest.raises(ValueError, match="no LM"):
-        opt.compile(MathCoT(), trainset=make_data(4))
+        opt.compile(MathCoT(), trainset=addition_examples(4))
 
     def nan_metric(example, pred, trace=None):
         return float("nan")
@@ -244,11 +242,11 @@ def test_missing_lm_and_broken_metric_fail_fast(tmp_path):
     opt = TRPromptOptimizer(metric=nan_metric, prompt_model=FakePromptModel(), log_dir=tmp_path / "b",
                             display_progress=False, **SMALL)
     with pytest.raises(ValueError, match="nan_metric"):
-        opt.compile(MathCoT(), trainset=make_data(4))
+        opt.compile(MathCoT(), trainset=addition_examples(4))
 
 
 def test_an_untrainable_prompt_model_is_refused_up_front():
-    from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+    from trprompt_dspy.backends.prompt_model.lm_writer import LMInstructionWriter
 
     with pytest.raises(TypeError, match="cannot be fine-tuned"):
         TRPromptOptimizer(metric=numeric_metric, auto="light",
@@ -278,7 +276,7 @@ def test_compile_never_returns_a_program_below_the_student_on_the_valset(tmp_pat
     else:
         assert isinstance(compiled.cot.predict, QueryAwarePredict)
     # the returned program really scores what the record says on the valset
-    score = dspy.Evaluate(devset=make_data(3, offset=50), metric=numeric_metric, display_progress=False)(compiled)
+    score = dspy.Evaluate(devset=addition_examples(3, start=50), metric=numeric_metric, display_progress=False)(compiled)
     assert float(score.score) / 100 == res.selected_score
 
 

@@ -11,8 +11,10 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from trprompt_dspy.artifact import load_compiled, save_compiled
-from trprompt_dspy.program import (
+from trprompt_dspy.backends.prompt_model.base import SFTExample
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.compiled.artifact import load_compiled, save_compiled
+from trprompt_dspy.compiled.program import (
     InstructionCall,
     QueryAwarePredict,
     attach_prompt_model,
@@ -24,8 +26,6 @@ from trprompt_dspy.program import (
     query_aware_predictors,
     render_query,
 )
-from trprompt_dspy.prompt_model.base import SFTExample
-from trprompt_dspy.prompt_model.fake import FakePromptModel
 
 REWARD = "The answer is correct and uses digits only."
 
@@ -331,7 +331,7 @@ def test_refuses_newer_format_and_warns_on_unknown_keys(tmp_path, two_stage_lm, 
     with pytest.raises(ValueError, match="newer trprompt_dspy.*format_version 2.*Upgrade"):
         load_compiled(TwoStage(), out, prompt_model=FakePromptModel())
     (out / "trprompt.json").write_text(json.dumps({**side, "future_field": 1}))
-    with caplog.at_level(logging.WARNING, logger="trprompt_dspy.program"):
+    with caplog.at_level(logging.WARNING, logger="trprompt_dspy.compiled.program"):
         load_compiled(TwoStage(), out, prompt_model=FakePromptModel())
     assert "future_field" in caplog.text
 

@@ -11,15 +11,15 @@ import pytest
 from dspy.lm15 import Message, Response, TextPart, Usage
 from dspy.utils import DummyLM
 
-from trprompt_dspy.prompt_model.base import (
+from trprompt_dspy.backends.prompt_model.base import (
     SYSTEM_PROMPT,
     InstructionRequest,
     PromptModel,
     SFTExample,
     build_messages,
 )
-from trprompt_dspy.prompt_model.fake import FakePromptModel
-from trprompt_dspy.prompt_model.lm_writer import LMInstructionWriter
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.prompt_model.lm_writer import LMInstructionWriter
 
 REQ = InstructionRequest("qa", "question -> answer", "question: What is 2 + 3?", "The answer is correct.")
 REQ2 = InstructionRequest("qa", "question -> answer", "question: What is 7 * 6?", "The answer is correct.")
@@ -81,7 +81,7 @@ def test_fake_train_writes_json_adapter_and_memorizes(tmp_path):
 
 
 def test_fake_records_concurrency_across_threads():
-    pm = FakePromptModel(delay=0.05)
+    pm = FakePromptModel(delay=0.3)  # long enough to overlap even on a busy 2-core machine
     threads = [threading.Thread(target=pm.generate, args=([REQ],)) for _ in range(4)]
     for t in threads:
         t.start()
@@ -165,7 +165,7 @@ def test_writer_cannot_train_or_load_adapters(tmp_path):
 
 
 def test_writer_drives_a_query_aware_program():
-    from trprompt_dspy.program import install_query_aware
+    from trprompt_dspy.compiled.program import install_query_aware
 
     target = DummyLM({"## question ##": {"reasoning": "r", "answer": "5"}})
     dspy.configure(lm=target)
@@ -187,8 +187,8 @@ def test_writer_drives_a_query_aware_program():
     ([], {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
 ])
 def test_every_backend_validates_generate_arguments(requests, kw, exc, match):
-    from trprompt_dspy.prompt_model.base import check_generate_args
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.base import check_generate_args
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
 
     args = {"n": 1, "temperature": 0.0, "max_new_tokens": 16, **kw}
     with pytest.raises(exc, match=match):

@@ -11,15 +11,15 @@ import pytest
 
 from tests.fakes import arithmetic_responder, scripted_lm
 from trprompt_dspy._lazy import import_textgrad
-from trprompt_dspy.program import install_query_aware
-from trprompt_dspy.prompt_model.fake import FakePromptModel
-from trprompt_dspy.refine import (
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.textgrad_engine import DSPyTextGradEngine
+from trprompt_dspy.compiled.program import install_query_aware
+from trprompt_dspy.loop.refine_reward import (
     OPTIMAL_REWARD_ROLE,
-    DSPyTextGradEngine,
     refine_optimal_reward,
     render_outcome_report,
 )
-from trprompt_dspy.rollouts import EvalResult, Rollout, evaluate_program
+from trprompt_dspy.loop.rollouts import EvalResult, Rollout, evaluate_program
 
 tg = import_textgrad()
 BACKWARD_MARK = "You are part of an optimization system that improves a given text"
@@ -209,7 +209,7 @@ def test_end_to_end_with_real_program_and_dspy_engine():
 
 
 def test_importing_refine_does_not_import_textgrad():
-    code = "import sys, trprompt_dspy.refine; assert 'textgrad' not in sys.modules, 'textgrad imported'"
+    code = "import sys, trprompt_dspy.loop.refine_reward; assert 'textgrad' not in sys.modules, 'textgrad imported'"
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert out.returncode == 0, out.stderr[-2000:]

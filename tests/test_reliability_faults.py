@@ -29,14 +29,15 @@ from dspy.utils.exceptions import (
 from programs.math import MathCoT
 from tests.fakes import ScriptedEngine, arithmetic_responder
 from trprompt_dspy import TRPromptOptimizer
-from trprompt_dspy.faults import (
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.runtime.faults import (
     TRANSIENT_KINDS,
     ErrorBudget,
     ErrorBudgetExceededError,
     RetryPolicy,
     classify_error,
 )
-from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.testing import addition_examples
 
 SMALL = dict(num_iterations=2, queries_per_iteration=6, prompts_per_query=2, textgrad_steps=1,
              textgrad_batch_size=3, val_size=4)
@@ -46,9 +47,6 @@ def metric(example, pred, trace=None):
     return float(str(getattr(pred, "answer", "")).strip() == str(example.answer))
 
 
-def data(n: int, offset: int = 0) -> list[dspy.Example]:
-    return [dspy.Example(question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1)).with_inputs("question")
-            for i in range(offset, offset + n)]
 
 
 class HTTP5xx(Exception):
@@ -243,7 +241,7 @@ def test_twenty_percent_random_faults_complete_and_are_counted_by_kind(tmp_path)
     dspy.configure(lm=target)
     pm = FlakyPromptModel(pm_faults)
     opt = make_optimizer(tmp_path, pm, reward, textgrad, max_retries=3)
-    compiled = opt.compile(MathCoT(), trainset=data(14), valset=data(4, offset=50))
+    compiled = opt.compile(MathCoT(), trainset=addition_examples(14), valset=addition_examples(4, start=50))
     faults.enabled = pm_faults.enabled = False
 
     res = compiled.detailed_results
@@ -279,7 +277,7 @@ def test_textgrad_replies_without_tags_are_counted_and_t_star_is_kept(tmp_path):
     tg = dspy.LM("local/tg", engine=ScriptedEngine(no_tags), cache=False, num_retries=0)
     pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
     opt = make_optimizer(tmp_path, pm, None, tg)
-    res = opt.compile(MathCoT(), trainset=data(10), valset=data(4, 50)).detailed_results
+    res = opt.compile(MathCoT(), trainset=addition_examples(10), valset=addition_examples(4, 50)).detailed_results
     assert res.failures["textgrad_missing_tags"] == 2 and res.t_star_history == (opt.initial_reward,)
 
 
@@ -290,7 +288,7 @@ def test_reward_model_garbage_everywhere_stops_with_a_clear_resumable_error(tmp_
                       num_retries=0)
     pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
     with pytest.raises(ErrorBudgetExceededError, match=r"textual rewards.*parse_error.*same log_dir to resume"):
-        make_optimizer(tmp_path, pm, garbage, None).compile(MathCoT(), trainset=data(10), valset=data(4, 50))
+        make_optimizer(tmp_path, pm, garbage, None).compile(MathCoT(), trainset=addition_examples(10), valset=addition_examples(4, 50))
     last = json.loads((tmp_path / "log" / "last_error.json").read_text())
     assert last["failures"]["reward_parse_error"] == 12 and "ErrorBudgetExceededError" in last["error"]
 
@@ -314,7 +312,7 @@ def test_server_down_mid_run_stops_with_resumable_checkpoint_then_resume_finishe
     pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
     opt = make_optimizer(tmp_path, pm, None, None, max_retries=1)
     with pytest.raises(ErrorBudgetExceededError, match=r"connection.*log_dir=.*resume") as info:
-        opt.compile(MathCoT(), trainset=data(14), valset=data(4, 50))
+        opt.compile(MathCoT(), trainset=addition_examples(14), valset=addition_examples(4, 50))
     assert info.value.failures.get("connection", 0) > 0 and info.value.log_dir == str(tmp_path / "log")
     partial = tmp_path / "log" / "iter_000" / "rollouts.partial.jsonl"
     done = [r for r in map(json.loads, partial.read_text().splitlines()) if not r["error"]]
@@ -323,7 +321,7 @@ def test_server_down_mid_run_stops_with_resumable_checkpoint_then_resume_finishe
     state.update(down=False, back=True)  # the server is back: re-running compile resumes
     pm2 = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
     opt2 = make_optimizer(tmp_path, pm2, None, None, max_retries=1)
-    compiled = opt2.compile(MathCoT(), trainset=data(14), valset=data(4, 50))
+    compiled = opt2.compile(MathCoT(), trainset=addition_examples(14), valset=addition_examples(4, 50))
     assert len(compiled.detailed_results.iterations) == 2
     sampled = sum(1 for c in pm2.calls if c.temperature > 0)
     assert sampled == 2 * 6 * 2 - len(done), "completed rollouts must not be redone"
@@ -335,13 +333,13 @@ def test_above_the_error_rate_budget_the_compile_stops(tmp_path):
     pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
     opt = make_optimizer(tmp_path, pm, faulty_lm(FaultInjector(0.0, 0), "reward"), None, max_error_rate=0.3)
     with pytest.raises(ErrorBudgetExceededError, match=r"max_error_rate=0.3|every one of"):
-        opt.compile(MathCoT(), trainset=data(14), valset=data(4, 50))
+        opt.compile(MathCoT(), trainset=addition_examples(14), valset=addition_examples(4, 50))
 
 
 def test_textgrad_engine_and_reward_model_retry_transient_failures():
-    from trprompt_dspy.refine import DSPyTextGradEngine
-    from trprompt_dspy.reward import TextualRewardModel
-    from trprompt_dspy.rollouts import Rollout
+    from trprompt_dspy.backends.textgrad_engine import DSPyTextGradEngine
+    from trprompt_dspy.loop.rollouts import Rollout
+    from trprompt_dspy.loop.textual_reward import TextualRewardModel
 
     errors = [ConnectionRefusedError(111, "refused"), HTTP5xx(502)]
 

@@ -6,15 +6,15 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from trprompt_dspy.reward import (
+from trprompt_dspy.loop.answer_leaks import (
     REDACTED,
-    TextualRewardModel,
     gold_values_of,
     instruction_leaks_answer,
     leaks_answer,
     redact_answer_leaks,
 )
-from trprompt_dspy.rollouts import Rollout
+from trprompt_dspy.loop.rollouts import Rollout
+from trprompt_dspy.loop.textual_reward import TextualRewardModel
 
 # ------------------------------------------------------------------------------------------ leak guard
 

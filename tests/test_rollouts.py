@@ -10,19 +10,25 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from trprompt_dspy.metric_adapter import MetricAdapter, MetricResult, MetricValueError, check_metric_arity
-from trprompt_dspy.parallel import derive_seed, parallel_map
-from trprompt_dspy.program import install_query_aware
-from trprompt_dspy.prompt_model.base import SFTExample
-from trprompt_dspy.prompt_model.fake import FakePromptModel
-from trprompt_dspy.reward import REDACTED, TextualRewardModel
-from trprompt_dspy.rollouts import (
+from trprompt_dspy.backends.prompt_model.base import SFTExample
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.compiled.program import install_query_aware
+from trprompt_dspy.loop.answer_leaks import REDACTED
+from trprompt_dspy.loop.metric_adapter import (
+    MetricAdapter,
+    MetricResult,
+    MetricValueError,
+    check_metric_arity,
+)
+from trprompt_dspy.loop.rollouts import (
     EvalResult,
     Rollout,
-    build_sft_examples,
     evaluate_program,
     run_rollouts,
 )
+from trprompt_dspy.loop.sft_data import build_sft_examples
+from trprompt_dspy.loop.textual_reward import TextualRewardModel
+from trprompt_dspy.runtime.parallel import derive_seed, parallel_map
 
 GOLD = dspy.Example(question="What is 1 + 1?", answer="2").with_inputs("question")
 

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
+from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExample
 from trprompt_dspy.config import LoraSettings, SFTSettings
-from trprompt_dspy.prompt_model.base import InstructionRequest, SFTExample
 
 pytestmark = pytest.mark.server
 
@@ -52,7 +52,7 @@ Steps = list[tuple[int, dict[int, float]]]  # (chosen token id, {top-k token id:
 
 
 def _vllm_steps(base_url: str, model: str, request: InstructionRequest) -> Steps:
-    from trprompt_dspy.prompt_model.base import build_messages
+    from trprompt_dspy.backends.prompt_model.base import build_messages
     from trprompt_dspy.serving.http import post_json
 
     payload = {"model": model, "messages": build_messages(request), "max_tokens": MAX_TOKENS, "temperature": 0.0,
@@ -68,7 +68,7 @@ def _vllm_steps(base_url: str, model: str, request: InstructionRequest) -> Steps
 def _hf_steps(model, tok, request: InstructionRequest) -> Steps:
     import torch
 
-    from trprompt_dspy.prompt_model.base import build_messages
+    from trprompt_dspy.backends.prompt_model.base import build_messages
 
     enc = tok.apply_chat_template(build_messages(request), add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)
@@ -101,8 +101,8 @@ def _parity(server_url: str, vllm_model: str, hf, reqs: list[InstructionRequest]
 
 
 def test_real_vllm_server_lora_and_parity_with_hf(vllm_python, tmp_path):
-    from trprompt_dspy.prompt_model.hf import HFPromptModel
-    from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+    from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
+    from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
     from trprompt_dspy.serving import VLLMServer
     from trprompt_dspy.serving.process import _proc_stat
 
@@ -170,11 +170,11 @@ def test_single_base_stack_serves_target_and_prompt_model_from_one_server(vllm_p
     LoRA adapter loaded at run time); a saved compiled program writes identical greedy instructions on reload."""
     import dspy
 
-    from trprompt_dspy.artifact import load_compiled, save_compiled
-    from trprompt_dspy.program import install_query_aware
-    from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
-    from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
-    from trprompt_dspy.stack import ModelStack, local_base_of
+    from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
+    from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
+    from trprompt_dspy.backends.stack import ModelStack, local_base_of
+    from trprompt_dspy.compiled.artifact import load_compiled, save_compiled
+    from trprompt_dspy.compiled.program import install_query_aware
 
     stack = ModelStack(PRESET, max_tokens=16, num_threads=8, log_dir=tmp_path / "logs",
                        max_lora_rank=8, server_options={"python": vllm_python, "device": "cpu",

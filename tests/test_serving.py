@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from trprompt_dspy.config import LoraSettings, SFTSettings
-from trprompt_dspy.prompt_model.base import (
+from trprompt_dspy.backends.prompt_model.base import (
     InstructionRequest,
     PromptModel,
     SFTExample,
     TrainResult,
     build_messages,
 )
-from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
+from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
+from trprompt_dspy.config import LoraSettings, SFTSettings
 from trprompt_dspy.serving import ServerStartError, VLLMServer
 from trprompt_dspy.serving import venv as venv_mod
 from trprompt_dspy.serving.process import ProcessGroup, _proc_stat
@@ -335,7 +335,7 @@ def test_process_group_stop_is_idempotent(tmp_path):
 
 
 def test_cli_serve_prints_the_dspy_line_and_returns_when_the_server_exits(fake_vllm, monkeypatch, capsys):
-    from trprompt_dspy import cli
+    from trprompt_dspy.apps import cli
 
     monkeypatch.setenv(venv_mod.PYTHON_ENV_VAR, sys.executable)
     original = VLLMServer.build_env
@@ -357,7 +357,7 @@ def test_cli_serve_prints_the_dspy_line_and_returns_when_the_server_exits(fake_v
 
 
 def test_cli_serve_without_model_is_an_error(capsys):
-    from trprompt_dspy import cli
+    from trprompt_dspy.apps import cli
 
     assert cli.main(["serve"]) == 2
     assert "needs a MODEL" in capsys.readouterr().err
@@ -518,8 +518,8 @@ def test_prompt_model_adapter_switching_and_deferred_unload(stub, tmp_path):
 
 
 def test_prompt_model_train_loads_the_new_adapter(stub, tmp_path, monkeypatch):
-    import trprompt_dspy.finetune as finetune
-    import trprompt_dspy.prompt_model.vllm as vllm_pm
+    import trprompt_dspy.backends.prompt_model.lora_training as finetune
+    import trprompt_dspy.backends.prompt_model.vllm as vllm_pm
 
     seen = {}
 
@@ -559,8 +559,8 @@ def test_prompt_model_argument_errors():
 
 
 def test_optimizer_accepts_a_vllm_spec():
+    from trprompt_dspy.backends.stack import resolve_prompt_model
     from trprompt_dspy.optimizer import TRPromptOptimizer
-    from trprompt_dspy.stack import resolve_prompt_model
 
     opt = TRPromptOptimizer(metric=lambda ex, pred, trace=None: 1.0, auto="light", prompt_model="vllm:smollm2-135m-instruct")
     pm = resolve_prompt_model(opt.prompt_model, None)

@@ -11,14 +11,20 @@ import dspy
 import pytest
 
 from tests.fakes import scripted_lm
+from trprompt_dspy.backends.prompt_model.base import InstructionRequest, instruction_stats
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.prompt_model.hf import HFPromptModel
+from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
+from trprompt_dspy.backends.prompt_model.vllm import VLLMPromptModel
+from trprompt_dspy.backends.stack import (
+    LocalBase,
+    ModelStack,
+    local_base_of,
+    mark_local_base,
+    resolve_prompt_model,
+)
 from trprompt_dspy.models.dtype import choose_dtype, cpu_info, native_bf16
 from trprompt_dspy.models.presets import DEFAULT_PROMPT_MODEL, UnknownModelError
-from trprompt_dspy.prompt_model.base import InstructionRequest, instruction_stats
-from trprompt_dspy.prompt_model.fake import FakePromptModel
-from trprompt_dspy.prompt_model.hf import HFPromptModel
-from trprompt_dspy.prompt_model.pinned import PinnedPromptModel
-from trprompt_dspy.prompt_model.vllm import VLLMPromptModel
-from trprompt_dspy.stack import LocalBase, ModelStack, local_base_of, mark_local_base, resolve_prompt_model
 
 REQ = InstructionRequest("qa", "question -> answer", "question: 2 + 3?", "Correct.")
 
@@ -145,8 +151,8 @@ def test_auto_is_single_base_for_local_targets_and_smollm2_otherwise():
     served_rank8 = mark_local_base(dspy.LM("openai/qwen", api_base="http://127.0.0.1:9/v1", api_key="x"),
                                    LocalBase("qwen2.5-coder-0.5b-instruct", "http://127.0.0.1:9/v1", "qwen", lora=True,
                                              max_lora_rank=8))
+    from trprompt_dspy.backends.prompt_model.base import SFTExample
     from trprompt_dspy.config import LoraSettings, SFTSettings
-    from trprompt_dspy.prompt_model.base import SFTExample
 
     with pytest.raises(ValueError, match="exceeds the server's --max-lora-rank 8"):  # before any model loads
         resolve_prompt_model("same", served_rank8).train([SFTExample(REQ, "Add.")], output_dir="unused",

@@ -21,12 +21,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["AUTO_BUDGETS", "DEFAULT_AUTO", "AutoLevel", "Budget", "LoraSettings", "SFTSettings"]
+__all__ = ["AUTO_BUDGETS", "DEFAULT_AUTO", "DEFAULT_SEED", "AutoLevel", "Budget", "LoraSettings", "SFTSettings"]
 
 AutoLevel = Literal["light", "medium", "heavy"]
 
 #: The budget when no budget argument is given (``TRPromptOptimizer(metric=...)``).
 DEFAULT_AUTO: AutoLevel = "light"
+#: The seed of every random choice unless one is given (optimizer, CLI, demo, benchmarks).
+DEFAULT_SEED = 0
 
 #: Loop sizes per ``auto`` level. ``val_size`` caps how many validation examples score each candidate
 #: (the student included). Selection needs enough of them to tell candidates apart: with 24 examples one

@@ -26,11 +26,11 @@ from typing import Any, Literal
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from trprompt_dspy.checkpoint import RunDirectory
-from trprompt_dspy.config import AUTO_BUDGETS, DEFAULT_AUTO, Budget, LoraSettings, SFTSettings
-from trprompt_dspy.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptModel
-from trprompt_dspy.usage import UsageMeter
-from trprompt_dspy.validation import (
+from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptModel
+from trprompt_dspy.config import AUTO_BUDGETS, DEFAULT_AUTO, DEFAULT_SEED, Budget, LoraSettings, SFTSettings
+from trprompt_dspy.runtime.checkpoint import RunDirectory
+from trprompt_dspy.runtime.usage import UsageMeter
+from trprompt_dspy.runtime.validation import (
     check_number,
     check_positive_int,
     check_servers_reachable,
@@ -70,9 +70,9 @@ class TRPromptOptimizer(Teleprompter):
             ``"smollm2-135m-instruct"`` in-process. ``"same"`` asks for single-base mode (an error when the
             target has no local weights); a preset / HF id / folder picks a separate in-process model
             (``"vllm:<model>"``: on its own vLLM server); a
-            :class:`~trprompt_dspy.prompt_model.base.PromptModel` object is used as given. Each compile
+            :class:`~trprompt_dspy.backends.prompt_model.base.PromptModel` object is used as given. Each compile
             builds its own prompt model from a name; an object is shared, but each compiled program is
-            pinned to its own adapter (:class:`~trprompt_dspy.prompt_model.pinned.PinnedPromptModel`), so a
+            pinned to its own adapter (:class:`~trprompt_dspy.backends.prompt_model.pinned.PinnedPromptModel`), so a
             later compile never changes an earlier compiled program.
         reward_lm: The textual reward model R. Default: the target LM (the student's LM or ``dspy.settings.lm``).
         textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``.
@@ -108,7 +108,7 @@ class TRPromptOptimizer(Teleprompter):
         max_retries: Retries of a call that failed transiently (timeout, HTTP 5xx, dropped connection, rate
             limit), with exponential backoff and jitter; on top of the ``dspy.LM``'s own ``num_retries``.
         retry_backoff: Seconds before the first retry (doubling each retry, capped at 8 s).
-        max_error_rate: Error budget: stop with :class:`~trprompt_dspy.faults.ErrorBudgetExceededError`
+        max_error_rate: Error budget: stop with :class:`~trprompt_dspy.runtime.faults.ErrorBudgetExceededError`
             (keeping a resumable checkpoint) once more than this fraction of the program runs, reward
             critiques and TextGrad steps failed after retries, or a whole phase failed. 1.0 disables the rate.
         max_errors: Optional absolute cap on failed operations (``None``: no cap).
@@ -123,7 +123,7 @@ class TRPromptOptimizer(Teleprompter):
     Example:
         >>> import dspy
         >>> from trprompt_dspy import TRPromptOptimizer
-        >>> from trprompt_dspy.metrics import gsm8k_metric
+        >>> from trprompt_dspy.tasks.metrics import gsm8k_metric
         >>> opt = TRPromptOptimizer(metric=gsm8k_metric, auto="light")
         >>> opt.budget.num_iterations
         2
@@ -168,14 +168,14 @@ class TRPromptOptimizer(Teleprompter):
         max_error_rate: float = 0.5,
         max_errors: int | None = None,
         preflight: bool = True,
-        seed: int = 0,
+        seed: int = DEFAULT_SEED,
         # Logging
         log_dir: str | Path | None = None,
         track_stats: bool = True,
         display_progress: bool = True,
     ) -> None:
         super().__init__()
-        from trprompt_dspy.metric_adapter import check_metric_arity
+        from trprompt_dspy.loop.metric_adapter import check_metric_arity
 
         check_metric_arity(metric)
         self.metric = metric
@@ -190,7 +190,7 @@ class TRPromptOptimizer(Teleprompter):
         if min_improvement is not None:
             check_number("min_improvement", min_improvement, low=0.0)
         self.min_improvement = None if min_improvement is None else float(min_improvement)
-        from trprompt_dspy.stack import check_prompt_model_spec
+        from trprompt_dspy.backends.stack import check_prompt_model_spec
 
         check_prompt_model_spec(prompt_model)
         if isinstance(prompt_model, PromptModel) and not getattr(prompt_model, "trainable", True):
@@ -225,7 +225,7 @@ class TRPromptOptimizer(Teleprompter):
         self.max_retries = max_retries
         check_number("retry_backoff", retry_backoff, low=0.0, high=60.0)
         self.retry_backoff = float(retry_backoff)
-        from trprompt_dspy.faults import ErrorBudget
+        from trprompt_dspy.runtime.faults import ErrorBudget
 
         ErrorBudget(max_error_rate, max_errors=max_errors)  # validates both
         self.max_error_rate, self.max_errors = float(max_error_rate), max_errors
@@ -257,9 +257,9 @@ class TRPromptOptimizer(Teleprompter):
             valset: Examples that select the best iteration. Default: a held-out slice of ``trainset``.
 
         Returns:
-            A deep copy of ``student`` whose predictors are :class:`~trprompt_dspy.program.QueryAwarePredict`.
+            A deep copy of ``student`` whose predictors are :class:`~trprompt_dspy.compiled.program.QueryAwarePredict`.
         """
-        from trprompt_dspy.loop import TRPromptRun
+        from trprompt_dspy.loop.run import TRPromptRun
 
         if self.auto is None and self.budget == Budget.from_auto(DEFAULT_AUTO, max_metric_calls=self.budget.max_metric_calls):
             logger.info("No budget given: using auto=%r (%s).", DEFAULT_AUTO, AUTO_BUDGETS[DEFAULT_AUTO])
@@ -287,7 +287,7 @@ class TRPromptOptimizer(Teleprompter):
             check_servers_reachable([*(("target LM", lm) for lm in target_lms), ("reward_lm", reward_lm),
                                      ("textgrad_lm", textgrad_lm), ("seed_lm", self.seed_lm),
                                      ("prompt_model", self.prompt_model)])
-        from trprompt_dspy.stack import resolve_prompt_model
+        from trprompt_dspy.backends.stack import resolve_prompt_model
 
         prompt_model = resolve_prompt_model(self.prompt_model, target_lms[0],
                                             max_concurrency=max(16, self.num_threads))
@@ -299,12 +299,24 @@ class TRPromptOptimizer(Teleprompter):
         meter.assign(textgrad_lm, "textgrad")
         meter.assign(self.seed_lm, "seed_writer")
         run = TRPromptRun(
-            optimizer=self, student=student, trainset=trainset, valset=valset, prompt_model=prompt_model,
+            settings=self._run_settings(), student=student, trainset=trainset, valset=valset, prompt_model=prompt_model,
             reward_lm=reward_lm, textgrad_lm=textgrad_lm, run_dir=run_dir, meter=meter,
         )
         return run.execute()
 
     # ------------------------------------------------------------------------------------------
+    def _run_settings(self) -> Any:
+        from trprompt_dspy.loop.run import RunSettings
+
+        return RunSettings(
+            metric=self.metric, budget=self.budget, lora=self.lora, sft=self.sft, initial_reward=self.initial_reward,
+            predictors=None if self.predictors is None else tuple(self.predictors),
+            sampling_temperature=self.sampling_temperature, max_instruction_tokens=self.max_instruction_tokens,
+            num_threads=self.num_threads, failure_score=self.failure_score, max_retries=self.max_retries,
+            retry_backoff=self.retry_backoff, max_error_rate=self.max_error_rate, max_errors=self.max_errors,
+            seed=self.seed, seed_lm=self.seed_lm, min_improvement=self.min_improvement,
+            track_stats=self.track_stats, display_progress=self.display_progress)
+
     def _split(self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
                ) -> tuple[list[dspy.Example], list[dspy.Example]]:
         rng = random.Random(self.seed)
@@ -335,7 +347,7 @@ class TRPromptOptimizer(Teleprompter):
         def digest(obj: Any) -> str:
             return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-        from trprompt_dspy.metric_adapter import metric_name
+        from trprompt_dspy.loop.metric_adapter import metric_name
 
         structure = [(n, str(p.signature)) for n, p in student.named_predictors()]
         data = [[dict(ex.inputs()), dict(ex.labels())] for ex in trainset]

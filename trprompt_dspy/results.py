@@ -88,7 +88,7 @@ class TRPromptResult:
         lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
         lm_tokens: Token usage per model name (input and output tokens).
         failures: Counted failures by kind. ``program_<kind>`` / ``reward_<kind>`` / ``textgrad_<kind>``: operations
-            that failed for good (after retries), with ``<kind>`` from :func:`trprompt_dspy.faults.classify_error`
+            that failed for good (after retries), with ``<kind>`` from :func:`trprompt_dspy.runtime.faults.classify_error`
             (``timeout``, ``server_error``, ``connection``, ``rate_limit``, ``parse_error``, ``empty_completion``,
             ``metric_error``, ``prompt_model_error``...; TextGrad adds ``missing_tags``, ``empty_gradient``,
             ``leak``...); ``program_error`` / ``reward_error`` are their totals. ``retried_<kind>``: transient

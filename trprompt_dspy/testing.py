@@ -4,7 +4,7 @@ A real TRPrompt compile needs three models (the prompt model, the target LM and 
 your program, metric and data wiring before paying for that, swap them for the stand-ins here:
 
 * :class:`FakePromptModel` -- a prompt model that writes instructions from a template and "trains" by
-  writing a small JSON folder (re-exported from :mod:`trprompt_dspy.prompt_model.fake`);
+  writing a small JSON folder (re-exported from :mod:`trprompt_dspy.backends.prompt_model.fake`);
 * :func:`scripted_lm` -- a real ``dspy.LM`` whose replies come from a Python function
   ``fn(system, user) -> str`` (the LM call goes through DSPy's normal machinery: adapters, callbacks,
   usage tracking);
@@ -43,10 +43,10 @@ from typing import Any
 
 import dspy
 
-from trprompt_dspy.prompt_model.fake import FakePromptModel
+from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
 
 __all__ = ["FakePromptModel", "ScriptedEngine", "scripted_lm", "arithmetic_responder",
-           "instruction_following_responder", "addition_examples"]
+           "instruction_following_responder", "addition_examples", "output_fields", "first_sum"]
 
 
 class ScriptedEngine:
@@ -116,12 +116,24 @@ def scripted_lm(fn: Callable[[str, str], str], name: str = "scripted") -> dspy.L
     return dspy.LM(f"local/{name}", engine=ScriptedEngine(fn), cache=False)
 
 
-def _output_fields(system: str) -> list[str]:
+def output_fields(system: str) -> list[str]:
+    """The output field names a DSPy ChatAdapter system prompt asks for (``[]`` for other prompts).
+
+    Example:
+        >>> output_fields("Your output fields are:" + chr(10) + "1. `reasoning` (str)" + chr(10) + "2. `answer` (str)" + chr(10) * 2)
+        ['reasoning', 'answer']
+    """
     m = re.search(r"Your output fields are:(.*?)(?:All interactions|\n\n)", system, re.S)
     return re.findall(r"`(\w+)`", m.group(1)) if m else []
 
 
-def _sum_in(text: str) -> str:
+def first_sum(text: str) -> str:
+    """The sum of the first ``a + b`` in ``text`` as a string (``"0"`` when there is none).
+
+    Example:
+        >>> first_sum("What is 20 + 22?"), first_sum("no sum")
+        ('42', '0')
+    """
     m = re.search(r"(-?\d+)\s*\+\s*(-?\d+)", text)
     return str(int(m.group(1)) + int(m.group(2))) if m else "0"
 
@@ -144,14 +156,14 @@ def arithmetic_responder(system: str, user: str) -> str:
     """
     if "<IMPROVED_VARIABLE>" in system or "<IMPROVED_VARIABLE>" in user:
         return "<IMPROVED_VARIABLE>The response adds the two numbers carefully and states the sum.</IMPROVED_VARIABLE>"
-    fields = _output_fields(system)
+    fields = output_fields(system)
     if not fields:  # TextGrad loss / gradient calls: free text
         return "The instructions could stress checking the arithmetic before answering."
     question = user.split("[[ ## question ## ]]")[-1] if "[[ ## question ## ]]" in user else user
     parts = []
     for f in fields:
         if f == "answer":
-            value = _sum_in(question)
+            value = first_sum(question)
         elif f == "instruction":
             value = "Add the two numbers and give only the sum."
         elif f == "textual_reward":
@@ -172,8 +184,8 @@ def instruction_following_responder(marker: str, *, helps: bool = True) -> Calla
 
     Example:
         >>> fn = instruction_following_responder("state the sum")
-        >>> sys_plain = "Your output fields are:\n1. `answer` (str)\n\n"
-        >>> fn(sys_plain, "What is 2 + 5?").split("\n")[1], fn(sys_plain + "Please state the sum.", "What is 2 + 5?").split("\n")[1]
+        >>> plain = "Your output fields are:" + chr(10) + "1. `answer` (str)" + chr(10) * 2
+        >>> fn(plain, "What is 2 + 5?").split()[5], fn(plain + "Please state the sum.", "What is 2 + 5?").split()[5]
         ('8', '7')
     """
     def respond(system: str, user: str) -> str:
@@ -181,7 +193,7 @@ def instruction_following_responder(marker: str, *, helps: bool = True) -> Calla
         if (marker in system) == helps or "[[ ## answer ## ]]" not in reply:
             return reply
         question = user.split("[[ ## question ## ]]")[-1] if "[[ ## question ## ]]" in user else user
-        right = _sum_in(question)
+        right = first_sum(question)
         return reply.replace(f"[[ ## answer ## ]]\n{right}\n", f"[[ ## answer ## ]]\n{int(right) + 1}\n", 1)
 
     return respond

@@ -6,7 +6,7 @@ worker thread takes the first waiting item, waits up to ``max_wait_s`` for more,
 ``size(item)`` stays within ``max_batch_size`` and calls ``run_batch(items) -> results`` once per
 batch. An exception in ``run_batch`` fails exactly the futures of that batch.
 
-It knows nothing about models; :class:`~trprompt_dspy.prompt_model.hf.HFPromptModel` uses it to merge
+It knows nothing about models; :class:`~trprompt_dspy.backends.prompt_model.hf.HFPromptModel` uses it to merge
 greedy generation requests arriving from DSPy's worker threads into one left-padded ``generate``.
 
 Example:

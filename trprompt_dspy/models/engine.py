@@ -366,7 +366,7 @@ def local_lm(name_or_path: str | os.PathLike[str] = DEFAULT_PROMPT_MODEL, *, max
     """
     import dspy
 
-    from trprompt_dspy.stack import LocalBase, mark_local_base
+    from trprompt_dspy.models.local_base import LocalBase, mark_local_base
 
     engine = TransformersEngine(name_or_path, default_max_tokens=max_tokens, **engine_kw)
     lm = dspy.LM(f"local/{_label(name_or_path)}", engine=engine, max_tokens=max_tokens, temperature=temperature,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trprompt_dspy.errors import TRPromptError
+
 __all__ = [
     "UnknownModelError",
     "ModelPreset",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(TRPromptError, ValueError):
     """A model name that is neither a preset, a local folder or GGUF file, nor a hub id."""
 
 

@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import zipfile
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from trprompt_dspy._lazy import require
+from trprompt_dspy.errors import TRPromptError
 from trprompt_dspy.models.presets import (
     ModelPreset,
     UnknownModelError,
@@ -64,15 +64,13 @@ logger = logging.getLogger(__name__)
 MARKER_FILE = "trprompt_model.json"
 _FORMAT_VERSION = 1
 _CHUNK = 1 << 20
-_thread_locks: dict[str, threading.Lock] = {}
-_thread_locks_guard = threading.Lock()
 
 
-class ModelSourceMissingError(FileNotFoundError):
+class ModelSourceMissingError(TRPromptError, FileNotFoundError):
     """The weights of a model are not on this machine (and downloading was not allowed or failed)."""
 
 
-class GGUFIntegrityError(ValueError):
+class GGUFIntegrityError(TRPromptError, ValueError):
     """A GGUF file (or the chunks it is assembled from) has the wrong size or sha256."""
 
 
@@ -108,21 +106,10 @@ def is_provisioned(folder: Path) -> bool:
 @contextlib.contextmanager
 def _exclusive(cache: Path, name: str) -> Iterator[None]:
     """Serialize provisioning of one name across threads and (on POSIX) processes."""
-    with _thread_locks_guard:
-        tlock = _thread_locks.setdefault(f"{cache}:{name}", threading.Lock())
-    lock_dir = cache / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with tlock, open(lock_dir / f"{name}.lock", "a+b") as fh:
-        try:
-            import fcntl
-        except ImportError:  # Windows: thread lock only
-            yield
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    from trprompt_dspy.runtime.locks import exclusive
+
+    with exclusive(cache / ".locks" / f"{name}.lock"):
+        yield
 
 
 # --------------------------------------------------------------------------- locating the GGUF sources

@@ -16,10 +16,12 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from trprompt_dspy.errors import TRPromptError
+
 __all__ = ["ServerRequestError", "ServerUnreachableError", "get_json", "post_json", "request_json"]
 
 
-class ServerRequestError(RuntimeError):
+class ServerRequestError(TRPromptError, RuntimeError):
     """The server answered with an HTTP error status; ``status`` and ``body`` hold its answer."""
 
     def __init__(self, method: str, url: str, status: int, body: str) -> None:
@@ -27,7 +29,7 @@ class ServerRequestError(RuntimeError):
         super().__init__(f"{method} {url} returned HTTP {status}: {body[:1000]}")
 
 
-class ServerUnreachableError(ConnectionError):
+class ServerUnreachableError(TRPromptError, ConnectionError):
     """No HTTP answer at all (connection refused, timeout, reset)."""
 
 

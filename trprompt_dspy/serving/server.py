@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from trprompt_dspy.errors import TRPromptError
 from trprompt_dspy.serving.http import ServerRequestError, ServerUnreachableError, get_json, post_json
 from trprompt_dspy.serving.process import ProcessGroup, tail
 from trprompt_dspy.serving.venv import cache_root, ensure_vllm_python, resolve_device
@@ -73,7 +74,7 @@ def _install_sigterm_exit() -> None:
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(TRPromptError, RuntimeError):
     """The server process died or did not become ready in time; the message ends with its log's tail."""
 
 
@@ -385,7 +386,7 @@ class VLLMServer:
 
         lm = dspy.LM(f"openai/{model or self.model_name}", api_base=self.base_url, api_key="EMPTY", **kwargs)
         if model is None or model == self.model_name:  # the base weights: a prompt model can be an adapter on them
-            from trprompt_dspy.stack import LocalBase, mark_local_base
+            from trprompt_dspy.models.local_base import LocalBase, mark_local_base
 
             ref = self.model_ref
             from trprompt_dspy.models.presets import get_preset, is_preset_name

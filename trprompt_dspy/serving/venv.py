@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from trprompt_dspy.errors import TRPromptError
+
 __all__ = [
     "CPU_PACKAGE",
     "GPU_PACKAGE",
@@ -64,7 +66,7 @@ _CPU_TORCH = "torch==2.13.0"
 _DEVICES = ("auto", "cpu", "gpu")
 
 
-class VLLMInstallError(RuntimeError):
+class VLLMInstallError(TRPromptError, RuntimeError):
     """Creating or checking the vLLM venv failed; the message has the failing command and its output."""
 
 
@@ -160,18 +162,10 @@ def _run(cmd: Sequence[str], what: str, *, timeout: float | None = None) -> str:
 
 @contextlib.contextmanager
 def _install_lock(venv: Path) -> Iterator[None]:
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "a+b") as fh:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no cross-process lock
-            yield
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    from trprompt_dspy.runtime.locks import exclusive
+
+    with exclusive(venv.parent / f".{venv.name}.lock"):
+        yield
 
 
 def _read_stamp(venv: Path) -> dict | None:

@@ -1,0 +1,1 @@
+"""Applications built on the library: the ``trprompt`` CLI, the demo, its report and paired statistics."""

@@ -1,0 +1,552 @@
+"""One TRPrompt compile, step by step, with a checkpoint after every step (see ``checkpoint.py``).
+
+:class:`TRPromptRun` is created by :meth:`TRPromptOptimizer.compile` after all input checks; it owns the
+run's state (t*, the best iteration, counters) and calls the step functions in ``rollouts.py``,
+``reward.py``, the prompt model's ``train`` and ``refine.py``. Each step first looks for its finished
+output in ``log_dir`` and reuses it, so a killed compile resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from trprompt_dspy.backends.prompt_model.base import PromptModel, SFTExample
+from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+from trprompt_dspy.results import STUDENT, IterationStats, TRPromptResult
+from trprompt_dspy.runtime.checkpoint import RunDirectory
+from trprompt_dspy.runtime.faults import (
+    CompileError,
+    ErrorBudget,
+    GuardedPromptModel,
+    RetryPolicy,
+    classify_error,
+)
+from trprompt_dspy.runtime.usage import UsageMeter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunSettings", "TRPromptRun"]
+
+#: Output cap of each TextGrad call (gradient, update); t* itself is asked to stay under 120 words.
+TEXTGRAD_MAX_TOKENS = 384
+
+
+#: TextGrad step failures that count against the error budget (rejections such as "leak" do not).
+_TEXTGRAD_FAILURES = frozenset({"missing_tags", "engine", "empty_gradient", "evaluation"})
+#: Smoke-test examples tried before a setup error is reported (one bad reply must not stop the compile).
+_SMOKE_TRIES = 3
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one compile's loop reads, frozen (``TRPromptOptimizer.compile`` builds it from its arguments).
+
+    The fields mean what the :class:`~trprompt_dspy.optimizer.TRPromptOptimizer` arguments of the same name mean;
+    the loop never sees the optimizer object itself.
+    """
+
+    metric: Callable[..., Any]
+    budget: Budget
+    lora: LoraSettings
+    sft: SFTSettings
+    initial_reward: str
+    predictors: tuple[str, ...] | None
+    sampling_temperature: float
+    max_instruction_tokens: int
+    num_threads: int
+    failure_score: float
+    max_retries: int
+    retry_backoff: float
+    max_error_rate: float
+    max_errors: int | None
+    seed: int
+    seed_lm: dspy.BaseLM | None
+    min_improvement: float | None
+    track_stats: bool
+    display_progress: bool
+
+
+class TRPromptRun:
+    """State and steps of one compile. Not part of the public API: use ``TRPromptOptimizer.compile``."""
+
+    def __init__(self, *, settings: RunSettings, student: dspy.Module, trainset: list[dspy.Example],
+                 valset: list[dspy.Example], prompt_model: PromptModel, reward_lm: dspy.BaseLM,
+                 textgrad_lm: dspy.BaseLM, run_dir: RunDirectory, meter: UsageMeter) -> None:
+        from trprompt_dspy.loop.metric_adapter import MetricAdapter
+
+        self.settings, self.student, self.trainset, self.valset = settings, student, trainset, valset
+        self.pm, self.reward_lm, self.textgrad_lm = prompt_model, reward_lm, textgrad_lm
+        self.run_dir, self.meter = run_dir, meter
+        self.budget = settings.budget
+        self.metric = MetricAdapter(settings.metric, failure_score=settings.failure_score)
+        self.metric_calls = 0
+        self.t_star = settings.initial_reward
+        self.t_history: list[str] = [self.t_star]
+        self.stats: list[IterationStats] = []
+        self.best: dict[str, Any] = {"iteration": None, "score": None, "adapter": None, "t_star": self.t_star}
+        self.baseline_score: float | None = None
+        self.selected: int | str = STUDENT
+        self.started = time.perf_counter()
+        self.retry = RetryPolicy(max_retries=settings.max_retries, base_delay=settings.retry_backoff,
+                                 seed=settings.seed, on_retry=lambda kind, _a, _e: meter.fail(f"retried_{kind}"))
+        self.errors = ErrorBudget(settings.max_error_rate, max_errors=settings.max_errors)
+        from trprompt_dspy.compiled.program import MAX_INSTRUCTION_CHARS
+
+        self.gpm = GuardedPromptModel(prompt_model, retry=self.retry, max_chars=MAX_INSTRUCTION_CHARS,
+                                      count=meter.fail)
+        from trprompt_dspy.backends.prompt_model.base import instruction_stats
+
+        self._instructions_at_start = instruction_stats(prompt_model)
+
+    # -- orchestration ---------------------------------------------------------------------------
+    def execute(self) -> dspy.Module:
+        from dspy.utils.usage_tracker import track_usage
+
+        from trprompt_dspy.compiled.program import install_query_aware
+
+        resumed = self.run_dir.prepare()
+        if resumed:
+            self._restore_state()
+        if not self.stats:  # a fresh run (or one killed in iteration 0) starts from the bare base model
+            self.pm.load_adapter(None)
+        self._log_projection()
+        program = install_query_aware(
+            self.student.deepcopy(), prompt_model=self.pm, optimal_reward=self.t_star,
+            predictors=None if self.settings.predictors is None else list(self.settings.predictors),
+            generation={"temperature": 0.0, "max_new_tokens": self.settings.max_instruction_tokens})
+        with track_usage() as tracker:
+            try:
+                self._smoke_test()
+                if self.baseline_score is None:
+                    self.baseline_score = self._baseline()
+                for k in range(len(self.stats), self.budget.num_iterations):
+                    if self._budget_exhausted():
+                        logger.warning("max_metric_calls=%s reached after %d iteration(s); stopping early.",
+                                       self.budget.max_metric_calls, k)
+                        break
+                    self._iteration(k, program)
+                    self._save_state()
+            except CompileError as exc:
+                self.run_dir.write_json(self.run_dir.root / "last_error.json", {
+                    "error": f"{type(exc).__name__}: {exc}", "completed_iterations": len(self.stats),
+                    "failures": self.meter.snapshot()["failures"]})
+                raise
+            (self.run_dir.root / "last_error.json").unlink(missing_ok=True)
+            tokens = {m: {k: int(v) for k, v in u.items() if isinstance(v, (int, float))}
+                      for m, u in tracker.get_total_tokens().items()}
+        self.selected = self._select()
+        if self.selected == STUDENT:
+            program = self.student.deepcopy()
+            program._compiled = True
+            program.trprompt_selected = STUDENT  # save_compiled saves it as the student
+        else:
+            self._finalize(program)
+        if self.settings.track_stats:
+            program.detailed_results = self._result(tokens)
+        return program
+
+    # -- selection: the student is candidate 0 ----------------------------------------------------
+    def _select(self) -> int | str:
+        """The candidate ``compile`` returns: the best iteration only if it beats the student on the valset.
+
+        The student as given is candidate 0, scored on the same valset as every iteration
+        (``baseline_score``). An iteration is returned only if its score exceeds the student's by more
+        than ``min_improvement`` (strictly: a tie keeps the student); otherwise ``compile`` returns a copy
+        of the student, so the result is never below the student on the valset. ``min_improvement=None``
+        turns the guard off (the best iteration is returned whatever it scored: for studies of the
+        trained program itself).
+        """
+        best, student = self.best["score"], self.baseline_score
+        if self.best["iteration"] is None:
+            logger.warning("No TRPrompt iteration completed (budget exhausted); returning a copy of the student.")
+            return STUDENT
+        margin = self.settings.min_improvement
+        if margin is None or student is None or best > student + margin:
+            if margin is None and student is not None and best <= student:
+                logger.warning("min_improvement=None: returning iteration %d (%.3f on the valset) although the "
+                               "student scored %.3f.", self.best["iteration"], best, student)
+            else:
+                logger.info("Selected iteration %d: %.3f on %d validation examples vs the student's %.3f.",
+                            self.best["iteration"], best, len(self.valset), student or 0.0)
+            return int(self.best["iteration"])
+        logger.warning(
+            "No iteration beat the student on the valset (best: iteration %d with %.3f vs the student's %.3f on %d "
+            "examples; min_improvement=%g): returning a copy of the student. The trained adapters stay in %s.",
+            self.best["iteration"], best, student, len(self.valset), margin, self.run_dir.root)
+        return STUDENT
+
+    def _iteration(self, k: int, program: dspy.Module) -> None:
+        from trprompt_dspy.compiled.program import query_aware_predictors
+
+        d = self.run_dir.iter_dir(k)
+        seconds: dict[str, float] = {}
+        logger.info("==> TRPrompt iteration %d/%d", k + 1, self.budget.num_iterations)
+        with _timed(seconds, "rollouts"):
+            rollouts = self._rollouts(k, program, d)
+        with _timed(seconds, "sft"):
+            sft_examples, n_filtered = self._sft_data(k, rollouts, d)
+            train = self._train(k, sft_examples, d)
+        with _timed(seconds, "textgrad"):
+            accepted = self._refine(k, program, d)
+        for _, p in query_aware_predictors(program):
+            p.optimal_reward = self.t_star
+        with _timed(seconds, "validation"):
+            val_score = self._validate(k, program, d)
+        if self.best["score"] is None or val_score > self.best["score"]:
+            self.best = {"iteration": k, "score": val_score, "adapter": train.get("adapter_path"),
+                         "t_star": self.t_star}
+        self.stats.append(IterationStats(
+            iteration=k,
+            rollout_score=sum(r.score for r in rollouts) / len(rollouts),
+            val_score=val_score,
+            t_star=self.t_star,
+            t_star_accepted=accepted,
+            num_rollouts=len(rollouts),
+            num_sft_examples=len(sft_examples),
+            sft_steps=int(train.get("steps", 0)),
+            sft_loss=tuple(train.get("losses", ())),
+            redacted_rewards=sum(1 for r in rollouts if r.reward_redactions),
+            filtered_instructions=n_filtered,
+            seconds=seconds,
+        ))
+        logger.info("Iteration %d: rollout score %.3f, validation score %.3f (baseline %.3f), %s",
+                    k, self.stats[-1].rollout_score, val_score, self.baseline_score or 0.0,
+                    ", ".join(f"{p} {s:.0f}s" for p, s in seconds.items()))
+
+    # -- step 1: rollouts + textual rewards ------------------------------------------------------
+    def _rollouts(self, k: int, program: dspy.Module, d: Path) -> list[Any]:
+        from trprompt_dspy.loop.rollouts import Rollout, run_rollouts
+        from trprompt_dspy.loop.textual_reward import TextualRewardModel
+
+        final = d / "rollouts.json"
+        saved = self.run_dir.read_json(final)
+        if saved is not None:
+            self.metric_calls += len(saved)
+            return [Rollout.from_dict(r) for r in saved]
+        rng = random.Random(self.settings.seed * 1000 + k)
+        n_q = min(self.budget.queries_per_iteration, len(self.trainset))
+        n_q = self._cap_by_budget(n_q, per_item=self.budget.prompts_per_query)
+        queries = rng.sample(self.trainset, n_q)
+        partial = d / "rollouts.partial.jsonl"
+        done = {(r["example_index"], r["sample_index"]): Rollout.from_dict(r)
+                for r in self.run_dir.read_jsonl(partial) if not r.get("error")}  # failed ones are retried
+        writer: Any = self.gpm
+        if k == 0 and self.settings.seed_lm is not None:
+            from trprompt_dspy.backends.prompt_model.lm_writer import LMInstructionWriter
+
+            writer = GuardedPromptModel(LMInstructionWriter(self.settings.seed_lm), retry=self.retry,
+                                        max_chars=self.gpm.max_chars, count=self.meter.fail)
+        with self._role("target"):
+            fresh = run_rollouts(
+                program, queries, prompt_model=writer, reward_text=self.t_star,
+                samples_per_query=self.budget.prompts_per_query, temperature=self.settings.sampling_temperature,
+                seed=self.settings.seed * 1000 + k, metric=self.metric, num_threads=self.settings.num_threads,
+                failure_score=self.settings.failure_score, display_progress=self.settings.display_progress,
+                on_result=lambda r: self.run_dir.append_jsonl(partial, r.to_dict()), skip=set(done),
+                retry=self.retry,
+            )
+        self.metric_calls += len(fresh)
+        if writer is self.gpm:  # a seed LM's calls are counted by the LM callback (role "seed_writer")
+            self.meter.count("prompt_model", sum(len(r.instructions) for r in fresh))
+        rollouts = sorted([*done.values(), *fresh], key=lambda r: (r.example_index, r.sample_index))
+        self._record_failures("rollouts", fresh)
+        live = [r for r in rollouts if not r.error]
+        if not live:
+            first = next((r.error for r in rollouts if r.error), "unknown error")
+            raise CompileError(
+                f"Every rollout of iteration {k} failed, e.g.: {first}. Check the target LM, the prompt model and "
+                f"the metric; re-running compile with log_dir={str(self.run_dir.root)!r} retries the failed ones."
+            )
+        with self._role("reward"):
+            TextualRewardModel(self.reward_lm).score_rollouts(live, num_threads=self.settings.num_threads,
+                                                              retry=self.retry)
+        failed_rewards = [r for r in live if not r.reward]
+        kinds = [r.reward_error_kind or "other" for r in failed_rewards]
+        for kind in kinds:
+            self.meter.fail("reward_error")
+            self.meter.fail(f"reward_{kind}")
+        self.errors.record("textual rewards", total=len(live), failures=kinds, log_dir=self.run_dir.root)
+        if len(failed_rewards) == len(live):
+            raise CompileError(
+                f"The reward LM failed on every rollout of iteration {k}, e.g.: {failed_rewards[0].reward_error}. "
+                f"Check reward_lm; re-running compile with log_dir={str(self.run_dir.root)!r} resumes here."
+            )
+        self.run_dir.write_json(final, [r.to_dict() for r in rollouts])
+        return rollouts
+
+    # -- step 2: fine-tune the prompt model ------------------------------------------------------
+    def _sft_data(self, k: int, rollouts: list[Any], d: Path) -> tuple[list[SFTExample], int]:
+        from trprompt_dspy.loop.rollouts import Rollout
+        from trprompt_dspy.loop.sft_data import build_sft_examples
+
+        pool = list(rollouts)
+        if self.settings.sft.accumulate:
+            for j in range(k):
+                saved = self.run_dir.read_json(self.run_dir.iter_dir(j) / "rollouts.json") or []
+                pool += [Rollout.from_dict(r) for r in saved]
+        examples, n_filtered = build_sft_examples(pool, leak_filter=True, min_score=self.settings.sft.min_score)
+        self.run_dir.write_jsonl(d / "sft.jsonl", [e.to_dict() for e in examples])
+        return examples, n_filtered
+
+    def _train(self, k: int, examples: list[SFTExample], d: Path) -> dict[str, Any]:
+        from trprompt_dspy.runtime.checkpoint import atomic_replace_dir
+
+        saved = self.run_dir.read_json(d / "train.json")
+        adapter = d / "adapter"
+        if saved is not None and adapter.is_dir():
+            self.pm.load_adapter(adapter)
+            return saved
+        if not examples:
+            raise CompileError(
+                f"Iteration {k} produced no usable SFT examples (every instruction was empty or stated the "
+                "answer). Try seed_lm=<a stronger dspy.LM> for iteration 0, or more prompts_per_query."
+            )
+        for stale in d.glob(".adapter.*"):  # staging folders of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = self.run_dir.staging_dir(adapter)
+        result = self.pm.train(examples, output_dir=staging, lora=self.settings.lora, sft=self.settings.sft,
+                               seed=self.settings.seed + k)
+        atomic_replace_dir(staging, adapter)
+        self.pm.load_adapter(adapter)
+        info = {**result.to_dict(), "adapter_path": str(adapter)}
+        self.run_dir.write_json(d / "train.json", info)
+        return info
+
+    # -- step 3: refine the optimal textual reward ----------------------------------------------
+    def _refine(self, k: int, program: dspy.Module, d: Path) -> bool:
+        saved = self.run_dir.read_json(d / "refine.json")
+        if saved is not None:
+            if saved["value"] != self.t_star:
+                self.t_history.append(saved["value"])
+            self.t_star = saved["value"]
+            return bool(saved["accepted"])
+        if self.budget.textgrad_steps == 0:
+            return False
+        from trprompt_dspy.backends.textgrad_engine import DSPyTextGradEngine
+        from trprompt_dspy.loop.refine_reward import refine_optimal_reward
+        from trprompt_dspy.loop.rollouts import evaluate_program
+
+        rng = random.Random(self.settings.seed * 1000 + 500 + k)
+        batch = rng.sample(self.trainset, min(self.budget.textgrad_batch_size, len(self.trainset)))
+        engine = DSPyTextGradEngine(self.textgrad_lm, max_tokens=TEXTGRAD_MAX_TOKENS, retry=self.retry)
+
+        def evaluate(t: str) -> Any:
+            self.metric_calls += len(batch)
+            with self._role("target"):
+                res = evaluate_program(program, batch, metric=self.metric, num_threads=self.settings.num_threads,
+                                       reward_text=t, prompt_model=self.gpm, retry=self.retry)
+            self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
+            self._record_failures("TextGrad minibatch", res.rollouts)
+            return res
+
+        result = refine_optimal_reward(self.t_star, evaluate=evaluate, engine=engine,
+                                       steps=self.budget.textgrad_steps)
+        self.meter.count("textgrad", getattr(engine, "calls", 0))
+        step_failures = []
+        for h in result.history:
+            if h.get("error"):
+                kind = str(h.get("cause") or h.get("error_kind") or "error")
+                self.meter.fail("textgrad_" + kind)
+                if h.get("error_kind") in _TEXTGRAD_FAILURES:
+                    step_failures.append(kind)
+        self.errors.record("TextGrad", total=len(result.history), failures=step_failures,
+                           log_dir=self.run_dir.root, systemic=False)
+        if result.value != self.t_star:
+            self.t_history.append(result.value)
+        self.t_star = result.value
+        self.run_dir.write_json(d / "refine.json", {"value": result.value, "accepted": result.accepted,
+                                                    "history": result.history})
+        return bool(result.accepted)
+
+    # -- step 4: validation and selection -------------------------------------------------------
+    def _validate(self, k: int, program: dspy.Module, d: Path) -> float:
+        saved = self.run_dir.read_json(d / "val.json")
+        if saved is not None:
+            self.metric_calls += len(saved.get("scores", []))
+            return float(saved["score"])
+        from trprompt_dspy.loop.rollouts import evaluate_program
+
+        self.metric_calls += len(self.valset)
+        with self._role("target"):
+            res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.settings.num_threads,
+                                   reward_text=self.t_star, prompt_model=self.gpm, retry=self.retry)
+        self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
+        self._record_failures("validation", res.rollouts)
+        self.run_dir.write_json(d / "val.json", {"score": res.score, "scores": res.scores,
+                                                 "t_star": self.t_star})
+        return float(res.score)
+
+    def _baseline(self) -> float:
+        saved = self.run_dir.read_json(self.run_dir.root / "baseline.json")
+        if saved is not None:
+            return float(saved["score"])
+        from trprompt_dspy.loop.rollouts import evaluate_program
+
+        self.metric_calls += len(self.valset)
+        with self._role("target"):
+            res = evaluate_program(self.student.deepcopy(), self.valset, metric=self.metric,
+                                   num_threads=self.settings.num_threads, retry=self.retry)
+        self._record_failures("baseline", res.rollouts)
+        self.run_dir.write_json(self.run_dir.root / "baseline.json", {"score": res.score, "scores": res.scores})
+        logger.info("Baseline (uncompiled student) validation score: %.3f on %d examples.",
+                    res.score, len(self.valset))
+        return float(res.score)
+
+    def _smoke_test(self) -> None:
+        """Run the student once on trainset[0] and call the metric, so setup errors surface immediately."""
+        from trprompt_dspy.loop.metric_adapter import MetricValueError, metric_name
+
+        errors: list[tuple[int, BaseException]] = []
+        for i, ex in enumerate(self.trainset[:_SMOKE_TRIES]):
+            try:
+                with self._role("target"):
+                    pred = self.retry.call(self.student.deepcopy(), **ex.inputs())
+            except Exception as exc:
+                errors.append((i, exc))
+                continue
+            try:
+                self.metric(ex, pred, None, strict=True)
+            except MetricValueError:
+                raise
+            except Exception as exc:
+                raise ValueError(
+                    f"The metric {metric_name(self.settings.metric)!r} raised {type(exc).__name__}: {exc} on trainset[{i}] "
+                    f"and the program's prediction {dict(pred) if hasattr(pred, 'keys') else pred!r:.300}. A metric "
+                    "must return a score for every prediction: fix it, e.g. return 0.0 when a field is missing."
+                ) from exc
+            break
+        else:
+            i, exc = errors[0]
+            raise CompileError(
+                f"The student program failed on the first {len(errors)} trainset example(s) before optimization "
+                f"started ({classify_error(exc)}): {type(exc).__name__}: {exc}. Fix the program or its LM first."
+            ) from exc
+        from trprompt_dspy.backends.prompt_model.base import InstructionRequest
+
+        probe = InstructionRequest(predictor="probe", task="question -> answer", query="question: 1 + 1?",
+                                   reward=self.t_star)
+        try:
+            self.retry.call(self.pm.generate, [probe], temperature=0.0, n=1, max_new_tokens=4)
+        except Exception as exc:
+            raise CompileError(
+                f"The prompt model {self.pm!r} failed before optimization started ({classify_error(exc)}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _record_failures(self, phase: str, rollouts: list[Any]) -> None:
+        """Count failed program runs by kind and charge them to the error budget."""
+        kinds = [r.error_kind or "other" for r in rollouts if r.error]
+        for kind in kinds:
+            self.meter.fail("program_error")
+            self.meter.fail(f"program_{kind}")
+        self.errors.record(phase, total=len(rollouts), failures=kinds, log_dir=self.run_dir.root)
+
+    def _finalize(self, program: dspy.Module) -> None:
+        from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
+        from trprompt_dspy.compiled.program import attach_prompt_model, query_aware_predictors
+
+        best_adapter = self.run_dir.iter_dir(self.best["iteration"]) / "adapter"
+        chosen = best_adapter if best_adapter.is_dir() else None
+        self.pm.load_adapter(chosen)
+        # The compiled program owns its adapter: a later compile with the same prompt model object (which
+        # starts from the bare base) must not change what this program writes.
+        attach_prompt_model(program, PinnedPromptModel(self.pm, None if chosen is None else str(chosen)))
+        program.trprompt_adapter = str(best_adapter)
+        for _, p in query_aware_predictors(program):
+            p.optimal_reward = self.best.get("t_star") or self.t_star
+        program._compiled = True
+
+    def _result(self, tokens: dict[str, dict[str, int]]) -> TRPromptResult:
+        snap = self.meter.snapshot()
+        return TRPromptResult(
+            iterations=tuple(self.stats), best_iteration=self.best["iteration"],
+            baseline_score=self.baseline_score, best_score=self.best["score"],
+            selected=self.selected, val_size=len(self.valset),
+            selected_score=self.baseline_score if self.selected == STUDENT else self.best["score"],
+            t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
+            failures=snap["failures"], seed=self.settings.seed, log_dir=str(self.run_dir.root),
+            budget=dict(self.budget.__dict__), seconds=time.perf_counter() - self.started,
+            instructions=self._instruction_counts(), prompt_model=self._describe_pm(),
+        )
+
+    def _instruction_counts(self) -> dict[str, Any]:
+        from trprompt_dspy.backends.prompt_model.base import cap_report, instruction_stats
+
+        return cap_report(self._instructions_at_start, instruction_stats(self.pm), self.settings.max_instruction_tokens)
+
+    def _describe_pm(self) -> dict[str, Any]:
+        from trprompt_dspy.runtime.records import json_safe
+
+        try:
+            return json_safe(self.pm.describe())
+        except Exception:  # noqa: BLE001 - a description is informative only
+            return {"repr": repr(self.pm)}
+
+    def _save_state(self) -> None:
+        self.run_dir.write_json(self.run_dir.root / "state.json", {
+            "completed_iterations": len(self.stats), "t_star": self.t_star, "t_history": self.t_history,
+            "best": self.best, "stats": [s.to_dict() for s in self.stats], "meter": self.meter.snapshot(),
+            "metric_calls": self.metric_calls, "baseline_score": self.baseline_score,
+        })
+
+    def _restore_state(self) -> None:
+        state = self.run_dir.read_json(self.run_dir.root / "state.json")
+        if not state:
+            return
+        self.t_star, self.t_history = state["t_star"], list(state["t_history"])
+        self.best, self.baseline_score = state["best"], state.get("baseline_score")
+        self.stats = [IterationStats.from_dict(s) for s in state["stats"]]
+        self.metric_calls = int(state.get("metric_calls", 0))
+        self.meter.restore(state.get("meter"))
+        last = self.run_dir.iter_dir(len(self.stats) - 1) / "adapter" if self.stats else None
+        if last is not None and last.is_dir():
+            self.pm.load_adapter(last)
+        logger.info("Resumed after %d complete iteration(s); t* = %r", len(self.stats), self.t_star[:80])
+
+    def _log_projection(self) -> None:
+        p = self.budget.projected_calls(
+            num_predictors=len(self.settings.predictors or list(self.student.named_predictors())),
+            val_size=len(self.valset), sft_batch_size=self.settings.sft.per_device_train_batch_size,
+            sft_epochs=self.settings.sft.num_train_epochs, accumulate=self.settings.sft.accumulate)
+        logger.info(
+            "TRPrompt plan: %d iterations x %d queries x %d instructions; up to %d program runs "
+            "(%d target-LM calls, %d prompt-model calls), %d reward-LM calls, about %d TextGrad-LM calls "
+            "and %d LoRA SFT steps in all; %d validation examples, %d training examples. log_dir=%s",
+            self.budget.num_iterations, self.budget.queries_per_iteration, self.budget.prompts_per_query,
+            p["program_runs"], p["target_lm_calls"], p["prompt_model_calls"], p["reward_lm_calls"],
+            p["textgrad_lm_calls"], p["sft_steps"], len(self.valset), len(self.trainset), self.run_dir.root)
+
+    def _budget_exhausted(self) -> bool:
+        cap = self.budget.max_metric_calls
+        return cap is not None and self.metric_calls >= cap
+
+    def _cap_by_budget(self, n_queries: int, *, per_item: int) -> int:
+        cap = self.budget.max_metric_calls
+        if cap is None:
+            return n_queries
+        return max(1, min(n_queries, (cap - self.metric_calls) // max(1, per_item)))
+
+    @contextmanager
+    def _role(self, role: str) -> Iterator[None]:
+        with dspy.context(callbacks=[*dspy.settings.callbacks, self.meter.callback(role)]):
+            yield
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0

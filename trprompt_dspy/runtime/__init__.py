@@ -1,0 +1,1 @@
+"""Infrastructure under the loop: checkpoints, atomic writes, file locks, fault handling, usage, parallelism, input checks."""
