@@ -1,15 +1,18 @@
 """``TRPromptOptimizer``: query-aware prompt optimization from textual rewards, as a DSPy optimizer.
 
-The whole algorithm, one iteration ``k`` at a time (each step lives in its own module)::
+The whole algorithm, one iteration ``k`` at a time (each step is one module of ``trprompt_dspy/loop/``)::
 
     t* = initial_reward                                   # "the ideal outcome", no prompt dataset needed
+    score_0 = evaluate_program(student, valset)           # the student as given is candidate 0
     for k in range(K):
-        rollouts = run_rollouts(...)                      # rollouts.py: Π samples M instructions/query,
+        rollouts = run_rollouts(...)                      # loop/rollouts.py: Π samples M instructions/query,
                                                           #   the frozen target answers, the metric scores
-        rewards  = TextualRewardModel.score(rollouts)     # reward.py: R critiques each rollout (no answer leaks)
-        Π.train(build_sft_examples(rollouts))             # finetune.py: LoRA SFT on (query, reward) -> instruction
-        t* = refine_optimal_reward(t*, ...)               # refine.py: TextGrad step, kept only if not worse
-        score_k = evaluate_program(candidate_k, valset)   # select the best iteration
+        rewards  = TextualRewardModel.score(rollouts)     # loop/textual_reward.py: R critiques each rollout
+                                                          #   (loop/answer_leaks.py keeps gold answers out)
+        Π.train(build_sft_examples(rollouts))             # loop/sft_data.py + backends/prompt_model/lora_training.py
+        t* = refine_optimal_reward(t*, ...)               # loop/refine_reward.py: TextGrad step on t*
+        score_k = evaluate_program(candidate_k, valset)
+    return best candidate_k if it beats score_0 else a copy of the student   # loop/run.py: selection
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""One TRPrompt compile, step by step, with a checkpoint after every step (see ``checkpoint.py``).
+"""One TRPrompt compile, step by step, with a checkpoint after every step (see ``runtime/checkpoint.py``).
 
 :class:`TRPromptRun` is created by :meth:`TRPromptOptimizer.compile` after all input checks; it owns the
 run's state (t*, the best iteration, counters) and calls the step functions in ``rollouts.py``,
-``reward.py``, the prompt model's ``train`` and ``refine.py``. Each step first looks for its finished
+``textual_reward.py``, ``sft_data.py``, the prompt model's ``train`` and ``refine_reward.py``, then selects
+what to return (the student is candidate 0). Each step first looks for its finished
 output in ``log_dir`` and reuses it, so a killed compile resumes where it stopped.
 """
 
