@@ -19,7 +19,8 @@ re-run skips finished cells, so a killed study resumes; a killed compile resumes
     python -m benchmarks.ablation_study --target qwen2.5-coder-1.5b-instruct --dataset gsmhard --n 100 \\
         --cells zeroshot writer-untrained trprompt-light --out ablation-gsmhard-qwen1.5b-<date>
 
-Writes ``benchmarks/results/<out>.cells.jsonl`` (per-question outcomes), ``<out>.json`` and ``<out>.md``.
+Writes ``benchmarks/results/<out>.cells.jsonl`` (per-question outcomes), ``<out>.json`` and ``<out>.md``
+(``<out>.notes.json``, a list of strings, if present, is rendered as notes: how a cell was run).
 Run it alone on the machine: wall times are part of the result.
 """
 
@@ -41,6 +42,7 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from trprompt_dspy.apps.stats import mcnemar_exact, wilson  # noqa: E402
+from trprompt_dspy.config import AUTO_BUDGETS  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ablation_study")
 RESULTS = REPO / "benchmarks" / "results"
@@ -49,6 +51,9 @@ RESULTS = REPO / "benchmarks" / "results"
 #: ``program`` picks another program; ``predictors`` restricts the query-aware predictors.
 CELLS: dict[str, dict[str, Any]] = {
     "trprompt-light": {"opt": {"auto": "light"}},
+    # The light budget stopped after its first iteration; it shares trprompt-light's log_dir (num_iterations is
+    # not part of the run fingerprint), so trprompt-light later resumes from it and adds iteration 1.
+    "trprompt-light-k1": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1}, "log_dir": "trprompt-light"},
     "trprompt-light-seedlm": {"opt": {"auto": "light"}, "seed_lm": True},
     "trprompt-light-smollm2": {"opt": {"auto": "light", "prompt_model": "smollm2-135m-instruct"}},
     "trprompt-light-filtered": {"opt": {"auto": "light", "sft": {"min_score": 1.0}}},
@@ -156,7 +161,7 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
             # (the student unless the best iteration beat it on the valset) is derived below from the same scores.
             kwargs.setdefault("min_improvement", None)
             opt = TRPromptOptimizer(metric=get_metric(dataset, feedback=True), num_threads=threads, seed=seed,
-                                    seed_lm=lm if spec.get("seed_lm") else None, log_dir=runs / name,
+                                    seed_lm=lm if spec.get("seed_lm") else None, log_dir=runs / spec.get("log_dir", name),
                                     display_progress=False, **kwargs)
             t0 = time.perf_counter()
             compiled = opt.compile(load_program(spec.get("program", program_spec)), trainset=train)
@@ -185,7 +190,10 @@ def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[st
         row = {"cell": name, **(compare(c["rows"], ref["rows"]) if ref else {}),
                "eval_wall_s": c.get("eval_wall_s"), "compile_wall_s": c.get("compile_wall_s"),
                "target_tok_per_s": c.get("target_tok_per_s"),
-               "target_completion_tokens_per_q": round(c["target_completion_tokens"] / len(c["rows"]), 1)}
+               "target_completion_tokens_per_q": round(c["target_completion_tokens"] / len(c["rows"]), 1),
+               "target_calls_per_q": round(c["target_calls"] / len(c["rows"]), 2),
+               "evaluator": c.get("evaluator", "dspy.Evaluate"), "command": c.get("command"),
+               "errors": sum(1 for r in c["rows"] if r.get("error_kind"))}
         if "compile" in c:
             comp = c["compile"]
             row.update(selected=c.get("guarded_selected"), val_baseline=comp.get("baseline_score"),
@@ -206,16 +214,21 @@ def render(summary: dict[str, Any]) -> str:
              "default no-regression selection returns (the student unless the best iteration beat it on the valset).",
              "",
              "| cell | acc % | 95 % CI | fixed | broken | Δ points | McNemar p | guard | val student → best (n) "
-             "| compile s | eval s | target tok/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| compile s | eval s | target tok/s | target calls/q | completion tok/q |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["table"]:
         val = (f"{r['val_baseline']:.3f} → {r['val_best']:.3f} ({r['val_size']})"
                if r.get("val_baseline") is not None and r.get("val_best") is not None else "-")
         lines.append(f"| {r['cell']} | {r.get('accuracy')} | {r.get('ci95')} | {r.get('fixed')} | {r.get('broken')} | "
                      f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {r.get('selected') or '-'} | {val} | "
-                     f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} |")
+                     f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} | "
+                     f"{r.get('target_calls_per_q')} | {r.get('target_completion_tokens_per_q')} |")
+    notes = summary.get("notes") or []
+    commands = sorted({r["command"] for r in summary["table"] if r.get("command")} or {summary["command"]})
     lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in CELLS.items()), "",
-              "Reproduce: `" + summary["command"] + "`", ""]
+              *(["Notes:", "", *(f"- {n}" for n in notes), ""] if notes else []),
+              "Reproduce (each finished cell is kept; a re-run skips it):", "",
+              *(f"    {c}" for c in commands), ""]
     return "\n".join(lines)
 
 
@@ -262,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 rec = run_cell(name, stack=stack, program_spec=args.program, dev=dev, train=train,
                                dataset=args.dataset, seed=args.seed, runs=runs)
-                rec.update(cell_wall_s=round(time.perf_counter() - t0, 1), cpu=meta["cpu"],
+                rec.update(cell_wall_s=round(time.perf_counter() - t0, 1), cpu=meta["cpu"], command=meta["command"],
                            server_dtype=meta["server"].get("dtype"),
                            finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
                 RESULTS.mkdir(parents=True, exist_ok=True)
@@ -273,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                             / len(rec["rows"]), rec["cell_wall_s"])
     else:
         meta["server"] = {"dtype": next(iter(done.values())).get("server_dtype")}
+    notes_path = RESULTS / f"{args.out}.notes.json"
+    meta["notes"] = json.loads(notes_path.read_text()) if notes_path.exists() else []
     summary = summarize(done, meta)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (RESULTS / f"{args.out}.md").write_text(render(summary))
