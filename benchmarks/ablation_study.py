@@ -15,6 +15,8 @@ re-run skips finished cells, so a killed study resumes; a killed compile resumes
   what iteration 0 of a single-base compile starts from.
 * ``trprompt-*`` — a compile on a train-pool sample (valset held out of it, disjoint from the rollout
   queries) with the optimizer settings in :data:`CELLS`, then the compiled program on the dev questions.
+  A cell with ``share`` first copies the finished steps it has in common with another cell's compile
+  (:func:`share_steps`), so it pays only for the steps it changes.
 
     python -m benchmarks.ablation_study --target qwen2.5-coder-1.5b-instruct --dataset gsmhard --n 100 \\
         --cells zeroshot writer-untrained trprompt-light --out ablation-gsmhard-qwen1.5b-<date>
@@ -47,6 +49,14 @@ from trprompt_dspy.config import AUTO_BUDGETS  # noqa: E402
 logger = logging.getLogger("benchmarks.ablation_study")
 RESULTS = REPO / "benchmarks" / "results"
 
+#: Checkpoint files a cell may copy from another cell's ``log_dir`` before its compile starts, because they are
+#: exactly what its own compile would compute first (same program, data, valset, models, seed, t*_0 and
+#: iteration-0 writer): the student's validation score and iteration 0's rollouts with their textual rewards;
+#: ``SHARE_TRAINED`` adds iteration 0's SFT data and adapter (same SFT settings too). The copied folder has no
+#: ``run.json``, so the compile writes its own fingerprint and resumes from the copied steps.
+SHARE_ROLLOUTS = ("baseline.json", "iter_000/rollouts.json")
+SHARE_TRAINED = (*SHARE_ROLLOUTS, "iter_000/sft.jsonl", "iter_000/train.json", "iter_000/adapter")
+
 #: Compile cells: optimizer keyword arguments (``seed_lm=True``: the target LM writes iteration 0).
 #: ``program`` picks another program; ``predictors`` restricts the query-aware predictors.
 CELLS: dict[str, dict[str, Any]] = {
@@ -61,6 +71,16 @@ CELLS: dict[str, dict[str, Any]] = {
     "trprompt-light-budget32": {"opt": {"auto": "light", "max_instruction_tokens": 32}},
     "trprompt-light-budget96": {"opt": {"auto": "light", "max_instruction_tokens": 96}},
     "trprompt-medium": {"opt": {"auto": "medium"}},
+    # One iteration each, sharing the light run's finished steps (see SHARE_*): only what they change is re-run.
+    # t* fixed at t*_0: the k1 adapter itself, without the accepted TextGrad step.
+    "trprompt-light-k1-no-textgrad": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "textgrad_steps": 0},
+                                      "share": ("trprompt-light", SHARE_TRAINED)},
+    # Rewards that start with the metric's verdict; the trained prompt model is conditioned on the correct one.
+    "trprompt-light-k1-verdict": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "reward_verdict": True},
+                                  "share": ("trprompt-light", SHARE_ROLLOUTS)},
+    # SFT only on the instructions whose rollout was correct (rejection sampling).
+    "trprompt-light-k1-filtered": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}},
+                                   "share": ("trprompt-light", SHARE_ROLLOUTS)},
 }
 
 
@@ -85,6 +105,41 @@ def compare(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, 
     return {"n": n, "correct": k, "accuracy": round(100 * k / n, 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
             "fixed": fixed, "broken": broken, "delta_points": round(100 * (fixed - broken) / n, 1),
             "mcnemar_p": round(mcnemar_exact(fixed, broken)["p_value"], 4)}
+
+
+def share_steps(source: Path, dest: Path, files: tuple[str, ...]) -> dict[str, Any]:
+    """Copy finished checkpoint ``files`` of ``source`` (a compile's ``log_dir``) into a new ``dest``.
+
+    Done only when ``dest`` does not exist yet (a resumed cell keeps what it has). The adapter path recorded in
+    a copied ``train.json`` is pointed at the copy.
+
+    Example:
+        >>> import tempfile
+        >>> src, dst = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp()) / "cell"
+        >>> _ = (src / "baseline.json").write_text('{"score": 0.5}')
+        >>> share_steps(src, dst, ("baseline.json",))["files"], (dst / "baseline.json").exists()
+        (['baseline.json'], True)
+    """
+    import shutil
+
+    record = {"from": source.name, "files": list(files)}
+    if dest.exists():
+        return {**record, "copied": False}
+    missing = [f for f in files if not (source / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"Cannot share {missing} from {source}: run that cell's compile first.")
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        if (source / f).is_dir():
+            shutil.copytree(source / f, dest / f)
+        else:
+            shutil.copy2(source / f, dest / f)
+    train = dest / "iter_000" / "train.json"
+    if train.exists():
+        info = json.loads(train.read_text())
+        info["adapter_path"] = str(dest / "iter_000" / "adapter")
+        train.write_text(json.dumps(info, indent=2))
+    return {**record, "copied": True}
 
 
 def _read_cells(path: Path) -> dict[str, dict[str, Any]]:
@@ -163,6 +218,8 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
             opt = TRPromptOptimizer(metric=get_metric(dataset, feedback=True), num_threads=threads, seed=seed,
                                     seed_lm=lm if spec.get("seed_lm") else None, log_dir=runs / spec.get("log_dir", name),
                                     display_progress=False, **kwargs)
+            if spec.get("share"):
+                rec["shared"] = share_steps(runs / spec["share"][0], runs / spec.get("log_dir", name), spec["share"][1])
             t0 = time.perf_counter()
             compiled = opt.compile(load_program(spec.get("program", program_spec)), trainset=train)
             rec["compile_wall_s"] = round(time.perf_counter() - t0, 1)
@@ -193,7 +250,8 @@ def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[st
                "target_completion_tokens_per_q": round(c["target_completion_tokens"] / len(c["rows"]), 1),
                "target_calls_per_q": round(c["target_calls"] / len(c["rows"]), 2),
                "evaluator": c.get("evaluator", "dspy.Evaluate"), "command": c.get("command"),
-               "errors": sum(1 for r in c["rows"] if r.get("error_kind"))}
+               "errors": sum(1 for r in c["rows"] if r.get("error_kind")),
+               "shared": c.get("shared")}
         if "compile" in c:
             comp = c["compile"]
             row.update(selected=c.get("guarded_selected"), val_baseline=comp.get("baseline_score"),
