@@ -310,3 +310,33 @@ def test_no_budget_argument_means_auto_light():
     opt = TRPromptOptimizer(metric=numeric_metric)
     assert DEFAULT_AUTO == "light" and opt.budget.__dict__ == {**AUTO_BUDGETS["light"], "max_metric_calls": None}
     assert opt.budget.val_size >= 50
+
+
+# -- verdict-grounded textual rewards --------------------------------------------------------------------
+def test_reward_verdict_grounds_the_sft_rewards_and_the_trained_conditioning(tmp_path, lm):
+    from trprompt_dspy.loop.textual_reward import CORRECT_VERDICT, with_verdict
+    from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD
+
+    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric, reward_verdict=True)
+    critique = "The outcome was good: the arithmetic was handled step by step."  # the scripted reward LM's
+    examples = pm.train_calls[0][0]
+    assert examples and {e.request.reward for e in examples} == {with_verdict(critique, e.score) for e in examples}
+    # iteration 0's untrained model sees t*_0 alone; once trained, it is conditioned on the correct verdict first
+    def conditioning(k):
+        saved = json.loads((tmp_path / "log" / f"iter_{k:03d}" / "rollouts.json").read_text())
+        return {c["request"]["reward"] for r in saved for c in r["instructions"]}
+
+    assert conditioning(0) == {DEFAULT_INITIAL_REWARD}
+    t_after_0 = compiled.detailed_results.iterations[0].t_star
+    assert conditioning(1) == {f"{CORRECT_VERDICT} {t_after_0}"}
+    res = compiled.detailed_results
+    for _, p in query_aware_predictors(compiled):
+        assert p.optimal_reward == f"{CORRECT_VERDICT} {res.iterations[res.selected].t_star}"
+    # the option is part of the run's fingerprint: a plain run cannot resume this log_dir
+    with pytest.raises(LogDirMismatchError, match="algorithm"):
+        compile_small(tmp_path, metric=feedback_metric)
+
+
+def test_reward_verdict_must_be_a_bool():
+    with pytest.raises(TypeError, match="reward_verdict must be True or False"):
+        TRPromptOptimizer(metric=numeric_metric, reward_verdict="yes")

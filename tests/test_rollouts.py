@@ -306,3 +306,19 @@ def test_sft_examples_use_the_rollout_reward_and_drop_leaky_instructions():
     assert n_leaky == 0 and len(unfiltered) == 3
     low, _ = build_sft_examples(rollouts, min_score=2.0)
     assert len(low) == 0 and low.num_low_score == 5
+
+
+def test_sft_rewards_can_start_with_the_metric_verdict():
+    from trprompt_dspy.loop.textual_reward import verdict_sentence
+
+    call = {"predictor": "p", "instruction": "Add the numbers.",
+            "request": {"predictor": "p", "task": "question -> answer", "query": "question: q", "reward": "t"}}
+    rollouts = [Rollout(example_index=i, sample_index=0, inputs={"question": f"q{i}"}, gold={"answer": "7"},
+                        outputs={"answer": "x"}, score=s, instructions=[{**call, "request": {**call["request"],
+                        "query": f"question: q{i}"}}], reward="It was right.")
+                for i, s in enumerate((1.0, 0.0, 0.5))]
+    batch, _ = build_sft_examples(rollouts, verdict=True)
+    assert [e.request.reward for e in batch] == [f"{verdict_sentence(s)} It was right." for s in (1.0, 0.0, 0.5)]
+    assert "incorrect (metric score 0)" in batch[1].request.reward
+    plain, _ = build_sft_examples(rollouts)
+    assert {e.request.reward for e in plain} == {"It was right."}

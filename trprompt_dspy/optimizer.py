@@ -102,6 +102,12 @@ class TRPromptOptimizer(Teleprompter):
         lora: :class:`~trprompt_dspy.config.LoraSettings` or a dict of its fields.
         sft: :class:`~trprompt_dspy.config.SFTSettings` or a dict of its fields.
         initial_reward: t*_0, the description of an ideal outcome.
+        reward_verdict: Verdict-grounded textual rewards: every SFT reward starts with the metric's verdict on its
+            rollout ("Verdict: the outcome was incorrect (metric score 0).",
+            :func:`~trprompt_dspy.loop.textual_reward.verdict_sentence`) before the reward LM's critique, and the
+            trained prompt model is conditioned on the correct verdict followed by t*. Use it when the reward LM
+            is small: it cannot then mislabel a failure as a success. Off by default (the paper's rewards are
+            the critique alone).
         predictors: Names of the predictors to make query-aware (default: all).
         sampling_temperature: Π's temperature when sampling instructions for rollouts.
         max_instruction_tokens: Token budget of each generated instruction (default 48: one or two complete
@@ -160,6 +166,7 @@ class TRPromptOptimizer(Teleprompter):
         sft: SFTSettings | dict[str, Any] | None = None,
         # Algorithm
         initial_reward: str = DEFAULT_INITIAL_REWARD,
+        reward_verdict: bool = False,
         predictors: Sequence[str] | None = None,
         sampling_temperature: float = 0.9,
         max_instruction_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
@@ -211,6 +218,9 @@ class TRPromptOptimizer(Teleprompter):
         if not isinstance(initial_reward, str) or not initial_reward.strip():
             raise ValueError(f"initial_reward must be a non-empty string; got {initial_reward!r}.")
         self.initial_reward = initial_reward.strip()
+        if not isinstance(reward_verdict, bool):
+            raise TypeError(f"reward_verdict must be True or False; got {reward_verdict!r}.")
+        self.reward_verdict = reward_verdict
         if predictors is not None and (isinstance(predictors, str) or not all(isinstance(p, str) for p in predictors)):
             raise TypeError(f"predictors must be a list of predictor names; got {predictors!r}.")
         if predictors is not None and len(predictors) == 0:
@@ -318,6 +328,7 @@ class TRPromptOptimizer(Teleprompter):
             num_threads=self.num_threads, failure_score=self.failure_score, max_retries=self.max_retries,
             retry_backoff=self.retry_backoff, max_error_rate=self.max_error_rate, max_errors=self.max_errors,
             seed=self.seed, seed_lm=self.seed_lm, min_improvement=self.min_improvement,
+            reward_verdict=self.reward_verdict,
             track_stats=self.track_stats, display_progress=self.display_progress)
 
     def _split(self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
@@ -366,8 +377,10 @@ class TRPromptOptimizer(Teleprompter):
                               getattr(self.seed_lm, "model", None)]),
             "metric": metric_name(self.metric),
             "training": digest([self.lora.to_dict(), self.sft.to_dict()]),
+            # Options added later enter the digest only when set, so older run folders still resume.
             "algorithm": digest([self.initial_reward, self.predictors, self.sampling_temperature,
-                                 self.max_instruction_tokens, self.failure_score, self.seed_lm is not None]),
+                                 self.max_instruction_tokens, self.failure_score, self.seed_lm is not None]
+                                + ([{"reward_verdict": True}] if self.reward_verdict else [])),
             "prompt_model": str(prompt_model.describe().get("base_model")),
             "seed": self.seed,
         }

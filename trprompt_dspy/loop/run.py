@@ -73,6 +73,7 @@ class RunSettings:
     seed: int
     seed_lm: dspy.BaseLM | None
     min_improvement: float | None
+    reward_verdict: bool
     track_stats: bool
     display_progress: bool
 
@@ -92,6 +93,7 @@ class TRPromptRun:
         self.metric = MetricAdapter(settings.metric, failure_score=settings.failure_score)
         self.metric_calls = 0
         self.t_star = settings.initial_reward
+        self._trained = False  # has the prompt model been fine-tuned in this run (see _conditioning)?
         self.t_history: list[str] = [self.t_star]
         self.stats: list[IterationStats] = []
         self.best: dict[str, Any] = {"iteration": None, "score": None, "adapter": None, "t_star": self.t_star}
@@ -200,7 +202,7 @@ class TRPromptRun:
         with _timed(seconds, "textgrad"):
             accepted = self._refine(k, program, d)
         for _, p in query_aware_predictors(program):
-            p.optimal_reward = self.t_star
+            p.optimal_reward = self._conditioning(self.t_star)
         with _timed(seconds, "validation"):
             val_score = self._validate(k, program, d)
         if self.best["score"] is None or val_score > self.best["score"]:
@@ -241,6 +243,7 @@ class TRPromptRun:
         partial = d / "rollouts.partial.jsonl"
         done = {(r["example_index"], r["sample_index"]): Rollout.from_dict(r)
                 for r in self.run_dir.read_jsonl(partial) if not r.get("error")}  # failed ones are retried
+        reward_text = self._conditioning(self.t_star)
         writer: Any = self.gpm
         if k == 0 and self.settings.seed_lm is not None:
             from trprompt_dspy.backends.prompt_model.lm_writer import LMInstructionWriter
@@ -249,7 +252,7 @@ class TRPromptRun:
                                         max_chars=self.gpm.max_chars, count=self.meter.fail)
         with self._role("target"):
             fresh = run_rollouts(
-                program, queries, prompt_model=writer, reward_text=self.t_star,
+                program, queries, prompt_model=writer, reward_text=reward_text,
                 samples_per_query=self.budget.prompts_per_query, temperature=self.settings.sampling_temperature,
                 seed=self.settings.seed * 1000 + k, metric=self.metric, num_threads=self.settings.num_threads,
                 failure_score=self.settings.failure_score, display_progress=self.settings.display_progress,
@@ -295,7 +298,8 @@ class TRPromptRun:
             for j in range(k):
                 saved = self.run_dir.read_json(self.run_dir.iter_dir(j) / "rollouts.json") or []
                 pool += [Rollout.from_dict(r) for r in saved]
-        examples, n_filtered = build_sft_examples(pool, leak_filter=True, min_score=self.settings.sft.min_score)
+        examples, n_filtered = build_sft_examples(pool, leak_filter=True, min_score=self.settings.sft.min_score,
+                                                  verdict=self.settings.reward_verdict)
         self.run_dir.write_jsonl(d / "sft.jsonl", [e.to_dict() for e in examples])
         return examples, n_filtered
 
@@ -306,6 +310,7 @@ class TRPromptRun:
         adapter = d / "adapter"
         if saved is not None and adapter.is_dir():
             self.pm.load_adapter(adapter)
+            self._trained = True
             return saved
         if not examples:
             raise CompileError(
@@ -319,6 +324,7 @@ class TRPromptRun:
                                seed=self.settings.seed + k)
         atomic_replace_dir(staging, adapter)
         self.pm.load_adapter(adapter)
+        self._trained = True
         info = {**result.to_dict(), "adapter_path": str(adapter)}
         self.run_dir.write_json(d / "train.json", info)
         return info
@@ -345,7 +351,7 @@ class TRPromptRun:
             self.metric_calls += len(batch)
             with self._role("target"):
                 res = evaluate_program(program, batch, metric=self.metric, num_threads=self.settings.num_threads,
-                                       reward_text=t, prompt_model=self.gpm, retry=self.retry)
+                                       reward_text=self._conditioning(t), prompt_model=self.gpm, retry=self.retry)
             self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
             self._record_failures("TextGrad minibatch", res.rollouts)
             return res
@@ -380,7 +386,8 @@ class TRPromptRun:
         self.metric_calls += len(self.valset)
         with self._role("target"):
             res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.settings.num_threads,
-                                   reward_text=self.t_star, prompt_model=self.gpm, retry=self.retry)
+                                   reward_text=self._conditioning(self.t_star), prompt_model=self.gpm,
+                                   retry=self.retry)
         self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
         self._record_failures("validation", res.rollouts)
         self.run_dir.write_json(d / "val.json", {"score": res.score, "scores": res.scores,
@@ -445,6 +452,20 @@ class TRPromptRun:
             ) from exc
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def _conditioning(self, t: str) -> str:
+        """What the prompt model is conditioned on for the optimal reward ``t``.
+
+        ``t`` itself, except with ``reward_verdict`` once the prompt model has been trained on verdict-grounded
+        rewards: then the verdict of a correct outcome comes first
+        (:data:`~trprompt_dspy.loop.textual_reward.CORRECT_VERDICT`), the form its training rewards had. TextGrad
+        refines ``t`` only, so it cannot drop the verdict. The untrained model (iteration 0) sees ``t`` alone.
+        """
+        if self.settings.reward_verdict and self._trained:
+            from trprompt_dspy.loop.textual_reward import CORRECT_VERDICT
+
+            return f"{CORRECT_VERDICT} {t}"
+        return t
+
     def _record_failures(self, phase: str, rollouts: list[Any]) -> None:
         """Count failed program runs by kind and charge them to the error budget."""
         kinds = [r.error_kind or "other" for r in rollouts if r.error]
@@ -465,7 +486,7 @@ class TRPromptRun:
         attach_prompt_model(program, PinnedPromptModel(self.pm, None if chosen is None else str(chosen)))
         program.trprompt_adapter = str(best_adapter)
         for _, p in query_aware_predictors(program):
-            p.optimal_reward = self.best.get("t_star") or self.t_star
+            p.optimal_reward = self._conditioning(self.best.get("t_star") or self.t_star)
         program._compiled = True
 
     def _result(self, tokens: dict[str, dict[str, int]]) -> TRPromptResult:
@@ -513,6 +534,7 @@ class TRPromptRun:
         last = self.run_dir.iter_dir(len(self.stats) - 1) / "adapter" if self.stats else None
         if last is not None and last.is_dir():
             self.pm.load_adapter(last)
+            self._trained = True
         logger.info("Resumed after %d complete iteration(s); t* = %r", len(self.stats), self.t_star[:80])
 
     def _log_projection(self) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExample
 from trprompt_dspy.loop.answer_leaks import instruction_leaks_answer, redact_answer_leaks
 from trprompt_dspy.loop.rollouts import Rollout
+from trprompt_dspy.loop.textual_reward import with_verdict
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def complete_sentences(instruction: str) -> str:
 
 
 def build_sft_examples(
-    rollouts: Iterable[Rollout], *, leak_filter: bool = True, min_score: float | None = None
+    rollouts: Iterable[Rollout], *, leak_filter: bool = True, min_score: float | None = None,
+    verdict: bool = False,
 ) -> tuple[SFTBatch, int]:
     """Turn scored, rewarded rollouts into prompt-model SFT examples.
 
@@ -94,6 +96,9 @@ def build_sft_examples(
             and redact any gold mention left in the reward.
         min_score: Keep only rollouts with ``score >= min_score`` (``None`` keeps all: the reward already
             says how good the outcome was).
+        verdict: Start each reward with the metric's verdict on its rollout
+            (:func:`~trprompt_dspy.loop.textual_reward.with_verdict`), so the training data never contradicts
+            the metric about whether the outcome was good.
 
     Returns:
         ``(examples, num_leaky)``: an :class:`SFTBatch` (a list of ``SFTExample`` whose counters say what
@@ -116,6 +121,8 @@ def build_sft_examples(
         reward = r.reward.strip()
         if leak_filter:
             reward, _ = redact_answer_leaks(reward, r.gold, context="\n".join(f"{k}: {v}" for k, v in r.inputs.items()))
+        if verdict:
+            reward = with_verdict(reward, r.score)
         for call in r.instructions:
             instruction = complete_sentences(str(call.get("instruction") or "").strip())
             if not instruction:

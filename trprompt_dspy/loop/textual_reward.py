@@ -23,7 +23,43 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WriteTextualReward", "TextualRewardModel"]
+__all__ = ["CORRECT_VERDICT", "WriteTextualReward", "TextualRewardModel", "verdict_sentence", "with_verdict"]
+
+
+def verdict_sentence(score: float) -> str:
+    """The metric's verdict on one outcome, as the sentence a verdict-grounded textual reward starts with.
+
+    A small reward LM often contradicts the metric (the 1.5B study model called 10 of 17 wrong rollouts
+    "correct"). With ``TRPromptOptimizer(reward_verdict=True)`` every textual reward starts with this sentence,
+    written from the score itself, so what the prompt model is trained on never disagrees with the metric
+    about *whether* the outcome was good; the critique after it says why.
+
+    Example:
+        >>> verdict_sentence(1.0)
+        'Verdict: the outcome was correct (metric score 1).'
+        >>> verdict_sentence(0.0)
+        'Verdict: the outcome was incorrect (metric score 0).'
+        >>> verdict_sentence(0.25)
+        'Verdict: the outcome was partly correct (metric score 0.25).'
+    """
+    score = float(score)
+    word = "correct" if score >= 1.0 else "incorrect" if score <= 0.0 else "partly correct"
+    return f"Verdict: the outcome was {word} (metric score {score:g})."
+
+
+#: What a prompt model trained on verdict-grounded rewards is conditioned on before t*: a correct outcome.
+CORRECT_VERDICT = verdict_sentence(1.0)
+
+
+def with_verdict(reward: str, score: float) -> str:
+    """``reward`` after the metric's verdict on its outcome (:func:`verdict_sentence`).
+
+    Example:
+        >>> with_verdict("The plan skipped a quantity.", 0.0)
+        'Verdict: the outcome was incorrect (metric score 0). The plan skipped a quantity.'
+    """
+    return f"{verdict_sentence(score)} {reward.strip()}"
+
 
 # --------------------------------------------------------------------------------------------------
 # Textual reward model
