@@ -142,6 +142,35 @@ def share_steps(source: Path, dest: Path, files: tuple[str, ...]) -> dict[str, A
     return {**record, "copied": True}
 
 
+_NEGATED = ("incorrect", "not correct", "wrong", "not accurate", "inaccurate", "does not match", "doesn't match")
+
+
+def reward_agreement(rollouts: list[dict[str, Any]]) -> dict[str, int]:
+    """How often the reward LM's first sentence contradicts the metric (a keyword heuristic, for the record).
+
+    A critique "claims correct" when its first sentence says "correct" and none of :data:`_NEGATED`. Counted
+    over rollouts with a reward: wrong outcomes (score 0) whose critique claims correct, and right ones
+    (score 1) whose critique does not.
+
+    Example:
+        >>> reward_agreement([{"score": 0.0, "reward": "The output is correct. Good."},
+        ...                   {"score": 0.0, "reward": "The output is incorrect."},
+        ...                   {"score": 1.0, "reward": "Correct, and clear."}])
+        {'wrong': 2, 'wrong_called_correct': 1, 'right': 1, 'right_not_called_correct': 0}
+    """
+    import re
+
+    def claims_correct(text: str) -> bool:
+        first = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0].lower()
+        return "correct" in first and not any(n in first for n in _NEGATED)
+
+    rewarded = [r for r in rollouts if r.get("reward")]
+    wrong = [r for r in rewarded if float(r["score"]) <= 0.0]
+    right = [r for r in rewarded if float(r["score"]) >= 1.0]
+    return {"wrong": len(wrong), "wrong_called_correct": sum(claims_correct(r["reward"]) for r in wrong),
+            "right": len(right), "right_not_called_correct": sum(not claims_correct(r["reward"]) for r in right)}
+
+
 def _read_cells(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
@@ -231,6 +260,9 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
                 "iteration", "rollout_score", "val_score", "t_star_accepted", "num_rollouts", "num_sft_examples",
                 "sft_steps", "seconds")} for it in stats["iterations"]]
             rec["val_size"] = stats.get("val_size")
+            log_dir = runs / spec.get("log_dir", name)
+            rec["reward_agreement"] = {d.name: reward_agreement(json.loads((d / "rollouts.json").read_text()))
+                                       for d in sorted(log_dir.glob("iter_*")) if (d / "rollouts.json").exists()}
             best, student = stats.get("best_score"), stats.get("baseline_score")
             rec["guarded_selected"] = (stats.get("best_iteration") if best is not None and student is not None
                                        and best > student else "student")
