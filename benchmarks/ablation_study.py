@@ -81,6 +81,9 @@ CELLS: dict[str, dict[str, Any]] = {
     # SFT only on the instructions whose rollout was correct (rejection sampling).
     "trprompt-light-k1-filtered": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}},
                                    "share": ("trprompt-light", SHARE_ROLLOUTS)},
+    # As many correct as incorrect outcomes in the SFT data (the paper's diagnosis of small gains).
+    "trprompt-light-k1-balanced": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"balance": True}},
+                                   "share": ("trprompt-light", SHARE_ROLLOUTS)},
 }
 
 

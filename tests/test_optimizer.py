@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import dspy
 import pytest
@@ -340,3 +341,21 @@ def test_reward_verdict_grounds_the_sft_rewards_and_the_trained_conditioning(tmp
 def test_reward_verdict_must_be_a_bool():
     with pytest.raises(TypeError, match="reward_verdict must be True or False"):
         TRPromptOptimizer(metric=numeric_metric, reward_verdict="yes")
+
+
+def test_balanced_sft_trains_on_as_many_good_outcomes_as_bad(tmp_path, lm):
+    # the instruction holds the marker (so the target answers right) when the first operand is a multiple of 4
+    def writer(req):
+        first = int(re.search(r"\d+", req.query).group())
+        return "Add carefully, then state the sum." if first % 4 == 0 else "Add the numbers carefully."
+
+    plain, pm_plain, _ = compile_small(tmp_path / "plain", pm=FakePromptModel(writer), num_iterations=1,
+                                       queries_per_iteration=6, textgrad_steps=0)
+    unbalanced = [e.score for e in pm_plain.train_calls[0][0]]
+    assert unbalanced.count(1.0) != unbalanced.count(0.0)  # the data to balance
+    _, pm, _ = compile_small(tmp_path / "balanced", pm=FakePromptModel(writer), num_iterations=1,
+                             queries_per_iteration=6, textgrad_steps=0, sft={"balance": True})
+    scores = [e.score for e in pm.train_calls[0][0]]
+    assert scores.count(1.0) == scores.count(0.0) == min(unbalanced.count(1.0), unbalanced.count(0.0)) > 0
+    saved = (tmp_path / "balanced" / "log" / "iter_000" / "sft.jsonl").read_text().splitlines()
+    assert len(saved) == len(scores)

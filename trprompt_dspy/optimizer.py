@@ -376,7 +376,8 @@ class TRPromptOptimizer(Teleprompter):
             "models": digest([lms, getattr(self.reward_lm, "model", None), getattr(self.textgrad_lm, "model", None),
                               getattr(self.seed_lm, "model", None)]),
             "metric": metric_name(self.metric),
-            "training": digest([self.lora.to_dict(), self.sft.to_dict()]),
+            "training": digest([self.lora.to_dict(), {k: v for k, v in self.sft.to_dict().items()
+                                                      if k != "balance" or v}]),
             # Options added later enter the digest only when set, so older run folders still resume.
             "algorithm": digest([self.initial_reward, self.predictors, self.sampling_temperature,
                                  self.max_instruction_tokens, self.failure_score, self.seed_lm is not None]

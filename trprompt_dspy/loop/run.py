@@ -300,6 +300,10 @@ class TRPromptRun:
                 pool += [Rollout.from_dict(r) for r in saved]
         examples, n_filtered = build_sft_examples(pool, leak_filter=True, min_score=self.settings.sft.min_score,
                                                   verdict=self.settings.reward_verdict)
+        if self.settings.sft.balance:
+            from trprompt_dspy.loop.sft_data import balance_outcomes
+
+            examples = balance_outcomes(examples, random.Random(self.settings.seed * 1000 + 700 + k))
         self.run_dir.write_jsonl(d / "sft.jsonl", [e.to_dict() for e in examples])
         return examples, n_filtered
 

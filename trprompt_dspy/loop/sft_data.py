@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import re
 from collections.abc import Iterable
 
@@ -25,7 +26,7 @@ from trprompt_dspy.loop.textual_reward import with_verdict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SFTBatch", "build_sft_examples", "complete_sentences"]
+__all__ = ["SFTBatch", "balance_outcomes", "build_sft_examples", "complete_sentences"]
 
 
 class SFTBatch(list):
@@ -46,11 +47,12 @@ class SFTBatch(list):
         self.num_low_score = 0
         self.num_empty = 0
         self.num_duplicates = 0
+        self.num_balanced_out = 0
 
     def stats(self) -> dict[str, int]:
         return {"num_examples": len(self), "num_leaky": self.num_leaky, "num_no_reward": self.num_no_reward,
                 "num_low_score": self.num_low_score, "num_empty": self.num_empty,
-                "num_duplicates": self.num_duplicates}
+                "num_duplicates": self.num_duplicates, "num_balanced_out": self.num_balanced_out}
 
 
 _SENTENCE_END = re.compile(r"[.!?:;)\]\"'`*]$")
@@ -141,3 +143,34 @@ def build_sft_examples(
     if batch.num_leaky:
         logger.info("dropped %d instruction(s) that state the gold answer", batch.num_leaky)
     return batch, batch.num_leaky
+
+
+def balance_outcomes(batch: SFTBatch, rng: random.Random) -> SFTBatch:
+    """``batch`` with as many examples from good outcomes (score >= 1) as from the others.
+
+    The more frequent kind is sampled down to the size of the rarer one with ``rng``; order is kept. A batch
+    with only one kind is returned unchanged (there is nothing to balance against), and
+    ``num_balanced_out`` counts what was dropped.
+
+    Example:
+        >>> from trprompt_dspy.backends.prompt_model.base import InstructionRequest
+        >>> req = InstructionRequest(predictor="p", task="t", query="q", reward="r")
+        >>> batch = SFTBatch(SFTExample(request=req, instruction=f"i{k}", score=float(k == 0)) for k in range(4))
+        >>> out = balance_outcomes(batch, random.Random(0))
+        >>> sorted(e.score for e in out), out.num_balanced_out
+        ([0.0, 1.0], 2)
+    """
+    good = [i for i, e in enumerate(batch) if e.score >= 1.0]
+    other = [i for i, e in enumerate(batch) if e.score < 1.0]
+    out = SFTBatch()
+    for name in ("num_leaky", "num_no_reward", "num_low_score", "num_empty", "num_duplicates", "num_balanced_out"):
+        setattr(out, name, getattr(batch, name, 0))
+    if not good or not other:
+        out.extend(batch)
+        return out
+    n = min(len(good), len(other))
+    keep = set(good if len(good) == n else rng.sample(good, n)) | set(other if len(other) == n else rng.sample(other, n))
+    out.extend(e for i, e in enumerate(batch) if i in keep)
+    out.num_balanced_out += len(batch) - len(out)
+    logger.info("balanced the SFT data: %d good and %d other outcomes, %d dropped", n, n, len(batch) - len(out))
+    return out
