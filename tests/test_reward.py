@@ -147,3 +147,14 @@ def test_reward_model_validates_arguments():
         TextualRewardModel("openai/gpt-4o")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_field_chars"):
         TextualRewardModel(None, max_field_chars=3)
+
+
+def test_adapter_markers_copied_into_a_critique_are_removed():
+    from trprompt_dspy.testing import scripted_lm
+
+    lm = scripted_lm(lambda s, u: "[[ ## textual_reward ## ]]\nClear plan; it used every quantity. [[ ## completed ## ]]"
+                     "\n\n[[ ## completed ## ]]", "reward")
+    r = Rollout(example_index=0, sample_index=0, inputs={"question": "6*7?"}, gold={"answer": "42"},
+                outputs={"answer": "41"}, score=0.0)
+    TextualRewardModel(lm).score_rollouts([r])
+    assert r.reward == "Clear plan; it used every quantity."

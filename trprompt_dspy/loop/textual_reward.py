@@ -10,6 +10,7 @@ gold answer**; :mod:`trprompt_dspy.loop.answer_leaks` redacts any that slips thr
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CORRECT_VERDICT", "WriteTextualReward", "TextualRewardModel", "verdict_sentence", "with_verdict"]
+__all__ = ["CORRECT_VERDICT", "WriteTextualReward", "TextualRewardModel", "strip_field_markers",
+           "verdict_sentence", "with_verdict"]
 
 
 def verdict_sentence(score: float) -> str:
@@ -87,6 +89,22 @@ class WriteTextualReward(dspy.Signature):
         desc="2-4 sentences: how good the outcome was, why, and what the instruction should have emphasised. "
         "Never state the gold answer."
     )
+
+
+_FIELD_MARKER = re.compile(r"\[\[\s*##\s*\w+\s*##\s*\]\]")
+
+
+def strip_field_markers(text: str) -> str:
+    """``text`` without DSPy ChatAdapter field markers (``[[ ## completed ## ]]``) that a small LM copied in.
+
+    Seen in 4 of 24 critiques written by the 1.5B study model; left in, the prompt model would be trained
+    (and, through TextGrad, conditioned) on adapter syntax.
+
+    Example:
+        >>> strip_field_markers("Correct, clear reasoning. [[ ## completed ## ]]")
+        'Correct, clear reasoning.'
+    """
+    return re.sub(r"\s{2,}", " ", _FIELD_MARKER.sub(" ", text)).strip()
 
 
 def _clip(text: str, limit: int) -> str:
@@ -175,7 +193,7 @@ class TextualRewardModel:
         lm = self._resolve_lm()
         with dspy.context(lm=lm):
             out = self.predict(**self.reward_inputs(rollout))
-        text = str(getattr(out, "textual_reward", "") or "").strip()
+        text = strip_field_markers(str(getattr(out, "textual_reward", "") or ""))
         if not text:
             from trprompt_dspy.runtime.faults import EmptyCompletionError
 
