@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -275,6 +276,33 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
     return rec
 
 
+_PLAN = re.compile(r"(^|\n)\s*(\d+[.)]|step \d+)", re.IGNORECASE)
+
+
+def instruction_styles(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, int] | None:
+    """How many of a cell's instructions are numbered plans, and what they did against the reference cell.
+
+    Fine-tuning on iteration-0 rollouts moves the writer towards their most frequent style; this records
+    whether that style fixes or breaks answers. ``None`` for a cell without instructions.
+
+    Example:
+        >>> rows = [{"idx": 0, "correct": 0, "instruction": "1. Add.\\n2. Check."}, {"idx": 1, "correct": 1,
+        ...          "instruction": "Add the numbers."}]
+        >>> instruction_styles(rows, [{"idx": 0, "correct": 1}, {"idx": 1, "correct": 0}])
+        {'numbered_plans': 1, 'plans_fixed': 0, 'plans_broken': 1, 'other_fixed': 1, 'other_broken': 0}
+    """
+    if not any(r.get("instruction") for r in rows):
+        return None
+    by_idx = {r["idx"]: r["correct"] for r in ref}
+    out = dict.fromkeys(("numbered_plans", "plans_fixed", "plans_broken", "other_fixed", "other_broken"), 0)
+    for r in rows:
+        kind = "plans" if _PLAN.search(r.get("instruction") or "") else "other"
+        out["numbered_plans"] += kind == "plans"
+        out[f"{kind}_fixed"] += bool(r["correct"] and not by_idx[r["idx"]])
+        out[f"{kind}_broken"] += bool(not r["correct"] and by_idx[r["idx"]])
+    return out
+
+
 def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     ref = cells.get("zeroshot")
     table = []
@@ -286,7 +314,8 @@ def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[st
                "target_calls_per_q": round(c["target_calls"] / len(c["rows"]), 2),
                "evaluator": c.get("evaluator", "dspy.Evaluate"), "command": c.get("command"),
                "errors": sum(1 for r in c["rows"] if r.get("error_kind")),
-               "shared": c.get("shared")}
+               "shared": c.get("shared"),
+               "instruction_styles": instruction_styles(c["rows"], ref["rows"]) if ref else None}
         if "compile" in c:
             comp = c["compile"]
             row.update(selected=c.get("guarded_selected"), val_baseline=comp.get("baseline_score"),
@@ -316,6 +345,15 @@ def render(summary: dict[str, Any]) -> str:
                      f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {r.get('selected') or '-'} | {val} | "
                      f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} | "
                      f"{r.get('target_calls_per_q')} | {r.get('target_completion_tokens_per_q')} |")
+    styled = [r for r in summary["table"] if r.get("instruction_styles")]
+    if styled:
+        lines += ["", "Instruction styles on the dev questions (a numbered plan: a line starting `1.` or `Step 1`), with "
+                  "the questions each style fixed / broke against zero-shot:", "",
+                  "| cell | numbered plans | plans fixed / broken | other fixed / broken |", "| --- | --- | --- | --- |"]
+        for r in styled:
+            st = r["instruction_styles"]
+            lines.append(f"| {r['cell']} | {st['numbered_plans']} | {st['plans_fixed']} / {st['plans_broken']} | "
+                         f"{st['other_fixed']} / {st['other_broken']} |")
     notes = summary.get("notes") or []
     commands = sorted({r["command"] for r in summary["table"] if r.get("command")} or {summary["command"]})
     lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in CELLS.items()), "",
