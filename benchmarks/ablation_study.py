@@ -88,6 +88,17 @@ CELLS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Pairs of cells that differ in one step, compared with each other (first vs second) in the report.
+PAIRS: tuple[tuple[str, str, str], ...] = (
+    ("trprompt-light-k1-no-textgrad", "writer-untrained", "fine-tuning (t* fixed at t*_0)"),
+    ("trprompt-light-k1", "trprompt-light-k1-no-textgrad", "the accepted TextGrad step"),
+    ("trprompt-light-k1-verdict", "trprompt-light-k1", "verdict-grounded rewards"),
+    ("trprompt-light-k1-balanced", "trprompt-light-k1", "balanced SFT data"),
+    ("trprompt-light-k1-filtered", "trprompt-light-k1", "SFT on correct outcomes only"),
+    ("trprompt-light", "trprompt-light-k1", "a second iteration"),
+)
+
+
 def compare(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
     """Paired comparison of one cell's per-question outcomes with the reference cell's.
 
@@ -321,7 +332,9 @@ def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[st
             row.update(selected=c.get("guarded_selected"), val_baseline=comp.get("baseline_score"),
                        val_best=comp.get("best_score"), val_size=c.get("val_size"), lm_calls=comp.get("lm_calls"))
         table.append(row)
-    return {**meta, "table": table}
+    pairs = [{"cell": a, "against": b, "step": step, **compare(cells[a]["rows"], cells[b]["rows"])}
+             for a, b, step in PAIRS if a in cells and b in cells]
+    return {**meta, "table": table, "pairs": pairs}
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -354,6 +367,12 @@ def render(summary: dict[str, Any]) -> str:
             st = r["instruction_styles"]
             lines.append(f"| {r['cell']} | {st['numbered_plans']} | {st['plans_fixed']} / {st['plans_broken']} | "
                          f"{st['other_fixed']} / {st['other_broken']} |")
+    if summary.get("pairs"):
+        lines += ["", "Cells that differ in one step, paired with each other on the same dev questions:", "",
+                  "| step | cell | against | fixed | broken | Δ points | McNemar p |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for q in summary["pairs"]:
+            lines.append(f"| {q['step']} | {q['cell']} | {q['against']} | {q['fixed']} | {q['broken']} | "
+                         f"{q['delta_points']} | {q['mcnemar_p']} |")
     notes = summary.get("notes") or []
     commands = sorted({r["command"] for r in summary["table"] if r.get("command")} or {summary["command"]})
     lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in CELLS.items()), "",
