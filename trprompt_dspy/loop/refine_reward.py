@@ -38,6 +38,7 @@ from typing import Any
 from trprompt_dspy._lazy import import_textgrad
 from trprompt_dspy.loop.answer_leaks import leaks_answer
 from trprompt_dspy.loop.rollouts import EvalResult, Rollout
+from trprompt_dspy.loop.textual_reward import outcome_word
 from trprompt_dspy.runtime.faults import CompileError, classify_error
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def render_outcome_report(
 ) -> str:
     """Render a minibatch evaluation as the text the TextGrad loss critiques.
 
-    Per example: the query, the instruction(s) used, the program's answer, correct / partially correct /
+    Per example: the query, the instruction(s) used, the program's answer, correct / partly correct /
     incorrect (``score >= success_threshold`` is correct), and the metric's feedback. Gold answers are
     left out unless ``include_gold`` (the metric feedback usually says enough).
 
@@ -163,7 +164,7 @@ def render_outcome_report(
     # Failures first: they carry most of the signal.
     ordered = sorted(rollouts, key=lambda r: (r.score >= success_threshold, r.example_index))[:max_examples]
     for i, r in enumerate(ordered, 1):
-        verdict = ("correct" if r.score >= success_threshold else "partially correct" if r.score > 0 else "incorrect")
+        verdict = outcome_word(r.score, success_threshold)
         query = "; ".join(f"{k}: {v}" for k, v in r.inputs.items())
         instr = " | ".join(str(c.get("instruction", "")) for c in r.instructions) or "(none)"
         answer = "; ".join(f"{k}: {v}" for k, v in r.outputs.items()) or f"(no output: {r.error})"

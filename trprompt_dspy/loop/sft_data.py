@@ -163,8 +163,7 @@ def balance_outcomes(batch: SFTBatch, rng: random.Random) -> SFTBatch:
     good = [i for i, e in enumerate(batch) if e.score >= 1.0]
     other = [i for i, e in enumerate(batch) if e.score < 1.0]
     out = SFTBatch()
-    for name in ("num_leaky", "num_no_reward", "num_low_score", "num_empty", "num_duplicates", "num_balanced_out"):
-        setattr(out, name, getattr(batch, name, 0))
+    out.__dict__.update(vars(batch))  # the skip counters
     if not good or not other:
         out.extend(batch)
         return out

@@ -24,8 +24,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CORRECT_VERDICT", "WriteTextualReward", "TextualRewardModel", "strip_field_markers",
+__all__ = ["CORRECT_VERDICT", "WriteTextualReward", "TextualRewardModel", "outcome_word", "strip_field_markers",
            "verdict_sentence", "with_verdict"]
+
+
+def outcome_word(score: float, success_threshold: float = 1.0) -> str:
+    """``"correct"`` (``score >= success_threshold``), ``"partly correct"`` (above 0) or ``"incorrect"``.
+
+    The one wording of a metric score, shared by the verdict of a reward and TextGrad's outcome report.
+
+    Example:
+        >>> outcome_word(1.0), outcome_word(0.5), outcome_word(0.0), outcome_word(0.5, success_threshold=0.5)
+        ('correct', 'partly correct', 'incorrect', 'correct')
+    """
+    score = float(score)
+    return "correct" if score >= success_threshold else "partly correct" if score > 0 else "incorrect"
 
 
 def verdict_sentence(score: float) -> str:
@@ -44,9 +57,7 @@ def verdict_sentence(score: float) -> str:
         >>> verdict_sentence(0.25)
         'Verdict: the outcome was partly correct (metric score 0.25).'
     """
-    score = float(score)
-    word = "correct" if score >= 1.0 else "incorrect" if score <= 0.0 else "partly correct"
-    return f"Verdict: the outcome was {word} (metric score {score:g})."
+    return f"Verdict: the outcome was {outcome_word(score)} (metric score {float(score):g})."
 
 
 #: What a prompt model trained on verdict-grounded rewards is conditioned on before t*: a correct outcome.
