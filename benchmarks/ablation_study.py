@@ -11,8 +11,9 @@ Cells (``--cells``, in the order given; each is appended to ``<out>.cells.jsonl`
 re-run skips finished cells, so a killed study resumes; a killed compile resumes from its ``log_dir``):
 
 * ``zeroshot`` — the plain program (the reference for every other cell).
-* ``writer-untrained`` — the untrained prompt model (the base weights) writes each instruction from t*_0:
-  what iteration 0 of a single-base compile starts from.
+* ``writer-*`` — an untrained writer writes each instruction from t*_0 (:data:`WRITERS`): the bare prompt
+  model (``writer-untrained``, what iteration 0 of a single-base compile starts from, also at other
+  instruction budgets) or the target ``dspy.LM`` through ``LMInstructionWriter`` (``writer-seedlm``).
 * ``trprompt-*`` — a compile on a train-pool sample (valset held out of it, disjoint from the rollout
   queries) with the optimizer settings in :data:`CELLS`, then the compiled program on the dev questions.
   A cell with ``share`` first copies the finished steps it has in common with another cell's compile
@@ -57,6 +58,8 @@ RESULTS = REPO / "benchmarks" / "results"
 #: ``run.json``, so the compile writes its own fingerprint and resumes from the copied steps.
 SHARE_ROLLOUTS = ("baseline.json", "iter_000/rollouts.json")
 SHARE_TRAINED = (*SHARE_ROLLOUTS, "iter_000/sft.jsonl", "iter_000/train.json", "iter_000/adapter")
+#: All of iteration 0 (its t* step and validation too): a longer run of the same recipe resumes at iteration 1.
+SHARE_ITERATION = (*SHARE_TRAINED, "iter_000/refine.json", "iter_000/val.json")
 
 #: Compile cells: optimizer keyword arguments (``seed_lm=True``: the target LM writes iteration 0).
 #: ``program`` picks another program; ``predictors`` restricts the query-aware predictors.
@@ -85,6 +88,24 @@ CELLS: dict[str, dict[str, Any]] = {
     # As many correct as incorrect outcomes in the SFT data (the paper's diagnosis of small gains).
     "trprompt-light-k1-balanced": {"opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"balance": True}},
                                    "share": ("trprompt-light", SHARE_ROLLOUTS)},
+    # The filtered recipe's adapter with t* kept at t*_0 (the TextGrad step of the best recipe, isolated).
+    "trprompt-light-k1-filtered-no-textgrad": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "textgrad_steps": 0, "sft": {"min_score": 1.0}},
+        "share": ("trprompt-light-k1-filtered", SHARE_TRAINED)},
+    # The filtered recipe's second iteration (the full light budget), resumed from its finished iteration 0.
+    # ``eval: "last"``: the dev questions are answered by the last iteration, whichever the valset preferred.
+    "trprompt-light-filtered-k2": {"opt": {"auto": "light", "sft": {"min_score": 1.0}},
+                                   "share": ("trprompt-light-k1-filtered", SHARE_ITERATION), "eval": "last"},
+}
+
+#: Untrained writers (no compile): ``writer`` is ``"prompt_model"`` (the bare base model through its chat
+#: template, as iteration 0 of every compile) or ``"seed_lm"`` (the target ``dspy.LM`` through
+#: ``LMInstructionWriter``, what ``seed_lm=`` uses); ``max_new_tokens`` is the instruction budget.
+WRITERS: dict[str, dict[str, Any]] = {
+    "writer-untrained": {"writer": "prompt_model"},
+    "writer-seedlm": {"writer": "seed_lm"},
+    "writer-untrained-budget32": {"writer": "prompt_model", "max_new_tokens": 32},
+    "writer-untrained-budget96": {"writer": "prompt_model", "max_new_tokens": 96},
 }
 
 
@@ -96,6 +117,11 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("trprompt-light-k1-balanced", "trprompt-light-k1", "balanced SFT data"),
     ("trprompt-light-k1-filtered", "trprompt-light-k1", "SFT on correct outcomes only"),
     ("trprompt-light", "trprompt-light-k1", "a second iteration"),
+    ("writer-seedlm", "writer-untrained", "iteration-0 writer: seed_lm (LMInstructionWriter) vs the bare prompt model"),
+    ("trprompt-light-k1-filtered", "trprompt-light-k1-filtered-no-textgrad", "the accepted TextGrad step (filtered SFT)"),
+    ("trprompt-light-filtered-k2", "trprompt-light-k1-filtered", "a second iteration (filtered SFT)"),
+    ("writer-untrained-budget32", "writer-untrained", "instruction budget 32 vs 48 tokens (untrained)"),
+    ("writer-untrained-budget96", "writer-untrained", "instruction budget 96 vs 48 tokens (untrained)"),
 )
 
 
@@ -235,6 +261,7 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
 
     from trprompt_dspy.apps.programs import load_program
     from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.backends.prompt_model.lm_writer import LMInstructionWriter
     from trprompt_dspy.compiled.program import install_query_aware
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
     from trprompt_dspy.tasks.metrics import get_metric
@@ -245,12 +272,16 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
     with dspy.context(lm=lm):
         if name == "zeroshot":
             rec.update(_evaluate(load_program(program_spec), dev, metric, lm, threads))
-        elif name == "writer-untrained":
+        elif name in WRITERS:
+            spec = WRITERS[name]
             stack.prompt_model.load_adapter(None)
-            program = install_query_aware(load_program(program_spec), prompt_model=stack.prompt_model,
+            writer = (stack.prompt_model if spec["writer"] == "prompt_model"
+                      else LMInstructionWriter(lm, num_threads=threads))
+            budget = spec.get("max_new_tokens", DEFAULT_MAX_INSTRUCTION_TOKENS)
+            program = install_query_aware(load_program(program_spec), prompt_model=writer,
                                           optimal_reward=DEFAULT_INITIAL_REWARD,
-                                          generation={"temperature": 0.0,
-                                                      "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS})
+                                          generation={"temperature": 0.0, "max_new_tokens": budget})
+            rec["writer"] = {"kind": spec["writer"], "max_new_tokens": budget}
             rec.update(_evaluate(program, dev, metric, lm, threads))
         elif name in CELLS:
             spec = CELLS[name]
@@ -281,10 +312,33 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
             best, student = stats.get("best_score"), stats.get("baseline_score")
             rec["guarded_selected"] = (stats.get("best_iteration") if best is not None and student is not None
                                        and best > student else "student")
+            if spec.get("eval") == "last" and stats["iterations"]:
+                compiled = _iteration_program(stack, spec.get("program", program_spec), log_dir,
+                                              stats["iterations"][-1], kwargs.get("max_instruction_tokens"))
+                rec["evaluated_iteration"] = stats["iterations"][-1]["iteration"]
+            else:
+                rec["evaluated_iteration"] = stats.get("best_iteration")
             rec.update(_evaluate(compiled, dev, metric, lm, threads))
         else:
-            raise ValueError(f"Unknown cell {name!r}; choose from zeroshot, writer-untrained, {', '.join(CELLS)}.")
+            raise ValueError(f"Unknown cell {name!r}; choose from zeroshot, {', '.join(WRITERS)}, {', '.join(CELLS)}.")
     return rec
+
+
+def _iteration_program(stack: Any, program_spec: str, log_dir: Path, it: dict[str, Any],
+                       max_instruction_tokens: int | None) -> Any:
+    """The program of one finished iteration: its adapter, conditioned on its t* (no verdict prefix)."""
+    from trprompt_dspy.apps.programs import load_program
+    from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
+    from trprompt_dspy.compiled.program import install_query_aware
+
+    adapter = log_dir / f"iter_{it['iteration']:03d}" / "adapter"
+    path = str(adapter) if adapter.is_dir() else None
+    stack.prompt_model.load_adapter(path)
+    return install_query_aware(load_program(program_spec), prompt_model=PinnedPromptModel(stack.prompt_model, path),
+                               optimal_reward=it["t_star"],
+                               generation={"temperature": 0.0,
+                                           "max_new_tokens": max_instruction_tokens or DEFAULT_MAX_INSTRUCTION_TOKENS})
 
 
 _PLAN = re.compile(r"(^|\n)\s*(\d+[.)]|step \d+)", re.IGNORECASE)
@@ -375,7 +429,7 @@ def render(summary: dict[str, Any]) -> str:
                          f"{q['delta_points']} | {q['mcnemar_p']} |")
     notes = summary.get("notes") or []
     commands = sorted({r["command"] for r in summary["table"] if r.get("command")} or {summary["command"]})
-    lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in CELLS.items()), "",
+    lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in {**WRITERS, **CELLS}.items()), "",
               *(["Notes:", "", *(f"- {n}" for n in notes), ""] if notes else []),
               "Reproduce (each finished cell is kept; a re-run skips it):", "",
               *(f"    {c}" for c in commands), ""]
