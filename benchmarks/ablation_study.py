@@ -99,13 +99,15 @@ CELLS: dict[str, dict[str, Any]] = {
 }
 
 #: Untrained writers (no compile): ``writer`` is ``"prompt_model"`` (the bare base model through its chat
-#: template, as iteration 0 of every compile) or ``"seed_lm"`` (the target ``dspy.LM`` through
-#: ``LMInstructionWriter``, what ``seed_lm=`` uses); ``max_new_tokens`` is the instruction budget.
+#: template, as iteration 0 of every compile), ``"seed_lm"`` (the target ``dspy.LM`` through
+#: ``LMInstructionWriter``, what ``seed_lm=`` uses) or another ``prompt_model=`` spec (a separate prompt
+#: model, e.g. a preset run in-process); ``max_new_tokens`` is the instruction budget.
 WRITERS: dict[str, dict[str, Any]] = {
     "writer-untrained": {"writer": "prompt_model"},
     "writer-seedlm": {"writer": "seed_lm"},
     "writer-untrained-budget32": {"writer": "prompt_model", "max_new_tokens": 32},
     "writer-untrained-budget96": {"writer": "prompt_model", "max_new_tokens": 96},
+    "writer-smollm2": {"writer": "smollm2-135m-instruct"},
 }
 
 
@@ -122,6 +124,7 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("trprompt-light-filtered-k2", "trprompt-light-k1-filtered", "a second iteration (filtered SFT)"),
     ("writer-untrained-budget32", "writer-untrained", "instruction budget 32 vs 48 tokens (untrained)"),
     ("writer-untrained-budget96", "writer-untrained", "instruction budget 96 vs 48 tokens (untrained)"),
+    ("writer-smollm2", "writer-untrained", "prompt model: SmolLM2-135M vs the target's own weights (untrained)"),
 )
 
 
@@ -262,6 +265,7 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
     from trprompt_dspy.apps.programs import load_program
     from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
     from trprompt_dspy.backends.prompt_model.lm_writer import LMInstructionWriter
+    from trprompt_dspy.backends.stack import resolve_prompt_model
     from trprompt_dspy.compiled.program import install_query_aware
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD, TRPromptOptimizer
     from trprompt_dspy.tasks.metrics import get_metric
@@ -275,14 +279,22 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
         elif name in WRITERS:
             spec = WRITERS[name]
             stack.prompt_model.load_adapter(None)
-            writer = (stack.prompt_model if spec["writer"] == "prompt_model"
-                      else LMInstructionWriter(lm, num_threads=threads))
+            if spec["writer"] == "prompt_model":
+                writer = stack.prompt_model
+            elif spec["writer"] == "seed_lm":
+                writer = LMInstructionWriter(lm, num_threads=threads)
+            else:
+                writer = resolve_prompt_model(spec["writer"], lm, max_concurrency=threads)
             budget = spec.get("max_new_tokens", DEFAULT_MAX_INSTRUCTION_TOKENS)
             program = install_query_aware(load_program(program_spec), prompt_model=writer,
                                           optimal_reward=DEFAULT_INITIAL_REWARD,
                                           generation={"temperature": 0.0, "max_new_tokens": budget})
             rec["writer"] = {"kind": spec["writer"], "max_new_tokens": budget}
-            rec.update(_evaluate(program, dev, metric, lm, threads))
+            try:
+                rec.update(_evaluate(program, dev, metric, lm, threads))
+            finally:
+                if writer is not stack.prompt_model and hasattr(writer, "close"):
+                    writer.close()  # a separate prompt model's weights are freed before the next cell
         elif name in CELLS:
             spec = CELLS[name]
             kwargs = dict(spec["opt"])
