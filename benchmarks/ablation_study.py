@@ -354,6 +354,7 @@ def _iteration_program(stack: Any, program_spec: str, log_dir: Path, it: dict[st
 
 
 _PLAN = re.compile(r"(^|\n)\s*(\d+[.)]|step \d+)", re.IGNORECASE)
+_FINAL = ".!?)\"'"
 
 
 def instruction_styles(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, int] | None:
@@ -365,18 +366,30 @@ def instruction_styles(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) ->
     Example:
         >>> rows = [{"idx": 0, "correct": 0, "instruction": "1. Add.\\n2. Check."}, {"idx": 1, "correct": 1,
         ...          "instruction": "Add the numbers."}]
-        >>> instruction_styles(rows, [{"idx": 0, "correct": 1}, {"idx": 1, "correct": 0}])
-        {'numbered_plans': 1, 'plans_fixed': 0, 'plans_broken': 1, 'other_fixed': 1, 'other_broken': 0}
+        >>> rows.append({"idx": 2, "correct": 0, "instruction": "First add the"})
+        >>> instruction_styles(rows, [{"idx": 0, "correct": 1}, {"idx": 1, "correct": 0}, {"idx": 2, "correct": 1}])
+        {'numbered_plans': 1, 'plans_fixed': 0, 'plans_broken': 1, 'other_fixed': 1, 'other_broken': 1, 'cut': 1, \
+'cut_fixed': 0, 'cut_broken': 1}
+
+    ``cut`` counts instructions that end without final punctuation: almost always ones stopped by the
+    instruction budget (``max_new_tokens``) mid-sentence.
     """
     if not any(r.get("instruction") for r in rows):
         return None
     by_idx = {r["idx"]: r["correct"] for r in ref}
-    out = dict.fromkeys(("numbered_plans", "plans_fixed", "plans_broken", "other_fixed", "other_broken"), 0)
+    out = dict.fromkeys(("numbered_plans", "plans_fixed", "plans_broken", "other_fixed", "other_broken", "cut",
+                         "cut_fixed", "cut_broken"), 0)
     for r in rows:
-        kind = "plans" if _PLAN.search(r.get("instruction") or "") else "other"
+        text = (r.get("instruction") or "").strip()
+        kind = "plans" if _PLAN.search(text) else "other"
+        fixed, broken = bool(r["correct"] and not by_idx[r["idx"]]), bool(not r["correct"] and by_idx[r["idx"]])
         out["numbered_plans"] += kind == "plans"
-        out[f"{kind}_fixed"] += bool(r["correct"] and not by_idx[r["idx"]])
-        out[f"{kind}_broken"] += bool(not r["correct"] and by_idx[r["idx"]])
+        out[f"{kind}_fixed"] += fixed
+        out[f"{kind}_broken"] += broken
+        if text and text[-1] not in _FINAL:
+            out["cut"] += 1
+            out["cut_fixed"] += fixed
+            out["cut_broken"] += broken
     return out
 
 
@@ -426,13 +439,16 @@ def render(summary: dict[str, Any]) -> str:
                      f"{r.get('target_calls_per_q')} | {r.get('target_completion_tokens_per_q')} |")
     styled = [r for r in summary["table"] if r.get("instruction_styles")]
     if styled:
-        lines += ["", "Instruction styles on the dev questions (a numbered plan: a line starting `1.` or `Step 1`), with "
+        lines += ["", "Instruction styles on the dev questions (a numbered plan: a line starting `1.` or `Step 1`; cut "
+                  "mid-sentence: no final punctuation, i.e. stopped by the instruction budget), with "
                   "the questions each style fixed / broke against zero-shot:", "",
-                  "| cell | numbered plans | plans fixed / broken | other fixed / broken |", "| --- | --- | --- | --- |"]
+                  "| cell | numbered plans | plans fixed / broken | other fixed / broken | cut mid-sentence | "
+                  "cut fixed / broken |", "| --- | --- | --- | --- | --- | --- |"]
         for r in styled:
             st = r["instruction_styles"]
             lines.append(f"| {r['cell']} | {st['numbered_plans']} | {st['plans_fixed']} / {st['plans_broken']} | "
-                         f"{st['other_fixed']} / {st['other_broken']} |")
+                         f"{st['other_fixed']} / {st['other_broken']} | {st.get('cut', '-')} | "
+                         f"{st.get('cut_fixed', '-')} / {st.get('cut_broken', '-')} |")
     if summary.get("pairs"):
         lines += ["", "Cells that differ in one step, paired with each other on the same dev questions:", "",
                   "| step | cell | against | fixed | broken | Δ points | McNemar p |", "| --- | --- | --- | --- | --- | --- | --- |"]
