@@ -121,6 +121,7 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("trprompt-light", "trprompt-light-k1", "a second iteration"),
     ("writer-seedlm", "writer-untrained", "iteration-0 writer: seed_lm (LMInstructionWriter) vs the bare prompt model"),
     ("trprompt-light-k1-filtered", "trprompt-light-k1-filtered-no-textgrad", "the accepted TextGrad step (filtered SFT)"),
+    ("trprompt-light-k1-filtered-no-textgrad", "trprompt-light-k1-no-textgrad", "SFT on correct outcomes only (t* at t*_0)"),
     ("trprompt-light-filtered-k2", "trprompt-light-k1-filtered", "a second iteration (filtered SFT)"),
     ("writer-untrained-budget32", "writer-untrained", "instruction budget 32 vs 48 tokens (untrained)"),
     ("writer-untrained-budget96", "writer-untrained", "instruction budget 96 vs 48 tokens (untrained)"),
