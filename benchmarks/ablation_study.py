@@ -10,10 +10,12 @@ in-process next to that server.
 Cells (``--cells``, in the order given; each is appended to ``<out>.cells.jsonl`` when it finishes, and a
 re-run skips finished cells, so a killed study resumes; a killed compile resumes from its ``log_dir``):
 
-* ``zeroshot`` — the plain program (the reference for every other cell).
+* ``zeroshot`` — the plain program (the reference for every other cell); other plain programs in :data:`PLAIN`
+  (the same program re-run on another machine, the two-predictor ``PlanAndSolve``).
 * ``writer-*`` — an untrained writer writes each instruction from t*_0 (:data:`WRITERS`): the bare prompt
   model (``writer-untrained``, what iteration 0 of a single-base compile starts from, also at other
-  instruction budgets) or the target ``dspy.LM`` through ``LMInstructionWriter`` (``writer-seedlm``).
+  instruction budgets and on ``PlanAndSolve``), the target ``dspy.LM`` through ``LMInstructionWriter``
+  (``writer-seedlm``) or a separate small prompt model (``writer-smollm2``, ``writer-qwen0.5b``).
 * ``trprompt-*`` — a compile on a train-pool sample (valset held out of it, disjoint from the rollout
   queries) with the optimizer settings in :data:`CELLS`, then the compiled program on the dev questions.
   A cell with ``share`` first copies the finished steps it has in common with another cell's compile
@@ -56,7 +58,8 @@ RESULTS = REPO / "benchmarks" / "results"
 #: iteration-0 writer): the student's validation score and iteration 0's rollouts with their textual rewards;
 #: ``SHARE_TRAINED`` adds iteration 0's SFT data and adapter (same SFT settings too). The copied folder has no
 #: ``run.json``, so the compile writes its own fingerprint and resumes from the copied steps.
-SHARE_ROLLOUTS = ("baseline.json", "iter_000/rollouts.json")
+SHARE_BASELINE = ("baseline.json",)
+SHARE_ROLLOUTS = (*SHARE_BASELINE, "iter_000/rollouts.json")
 SHARE_TRAINED = (*SHARE_ROLLOUTS, "iter_000/sft.jsonl", "iter_000/train.json", "iter_000/adapter")
 #: All of iteration 0 (its t* step and validation too): a longer run of the same recipe resumes at iteration 1.
 SHARE_ITERATION = (*SHARE_TRAINED, "iter_000/refine.json", "iter_000/val.json")
@@ -96,18 +99,46 @@ CELLS: dict[str, dict[str, Any]] = {
     # ``eval: "last"``: the dev questions are answered by the last iteration, whichever the valset preferred.
     "trprompt-light-filtered-k2": {"opt": {"auto": "light", "sft": {"min_score": 1.0}},
                                    "share": ("trprompt-light-k1-filtered", SHARE_ITERATION), "eval": "last"},
+    # Run on the Intel Xeon (AMX) machine: one change each against the filtered recipe (trprompt-light-k1-filtered,
+    # EPYC). They share the student's validation score computed on this machine by the first of them.
+    "trprompt-light-k1-filtered-budget32": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32}},
+    # Four times the queries of one light iteration (48 x 2 rollouts): the queries-per-iteration point of the curve.
+    "trprompt-light-k1-filtered-q48": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "queries_per_iteration": 48, "sft": {"min_score": 1.0}},
+        "share": ("trprompt-light-k1-filtered-budget32", SHARE_BASELINE)},
+    # A separate prompt model (SmolLM2-135M + LoRA, in-process) trained on the same recipe.
+    "trprompt-light-k1-filtered-smollm2": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0},
+                "prompt_model": "smollm2-135m-instruct"},
+        "share": ("trprompt-light-k1-filtered-budget32", SHARE_BASELINE)},
+}
+
+#: Plain programs (no instructions): the reference ``zeroshot`` (MathCoT, against which every cell is compared),
+#: the same program again on another machine (``zeroshot-repeat``: whether greedy outcomes carry across CPUs,
+#: i.e. whether cells run on different machines may be paired), and the two-predictor ``PlanAndSolve``.
+PLAIN: dict[str, dict[str, Any]] = {
+    "zeroshot": {},
+    "zeroshot-repeat": {},
+    "zeroshot-plansolve": {"program": "programs.math:PlanAndSolve"},
 }
 
 #: Untrained writers (no compile): ``writer`` is ``"prompt_model"`` (the bare base model through its chat
 #: template, as iteration 0 of every compile), ``"seed_lm"`` (the target ``dspy.LM`` through
 #: ``LMInstructionWriter``, what ``seed_lm=`` uses) or another ``prompt_model=`` spec (a separate prompt
-#: model, e.g. a preset run in-process); ``max_new_tokens`` is the instruction budget.
+#: model, e.g. a preset run in-process); ``max_new_tokens`` is the instruction budget; ``program`` another
+#: program and ``predictors`` the query-aware predictors (default: all).
 WRITERS: dict[str, dict[str, Any]] = {
     "writer-untrained": {"writer": "prompt_model"},
     "writer-seedlm": {"writer": "seed_lm"},
     "writer-untrained-budget32": {"writer": "prompt_model", "max_new_tokens": 32},
     "writer-untrained-budget96": {"writer": "prompt_model", "max_new_tokens": 96},
     "writer-smollm2": {"writer": "smollm2-135m-instruct"},
+    "writer-qwen0.5b": {"writer": "qwen2.5-coder-0.5b-instruct"},
+    # PlanAndSolve: an instruction for each of its two predictors, or for the answering one (``solve``) only.
+    "writer-untrained-plansolve": {"writer": "prompt_model", "program": "programs.math:PlanAndSolve"},
+    "writer-untrained-plansolve-solve": {"writer": "prompt_model", "program": "programs.math:PlanAndSolve",
+                                         "predictors": ["solve.predict"]},
 }
 
 
@@ -126,6 +157,19 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("writer-untrained-budget32", "writer-untrained", "instruction budget 32 vs 48 tokens (untrained)"),
     ("writer-untrained-budget96", "writer-untrained", "instruction budget 96 vs 48 tokens (untrained)"),
     ("writer-smollm2", "writer-untrained", "prompt model: SmolLM2-135M vs the target's own weights (untrained)"),
+    ("trprompt-light-k1-filtered-budget32", "writer-untrained-budget32", "fine-tuning, filtered SFT (32-token budget)"),
+    ("trprompt-light-k1-filtered-budget32", "trprompt-light-k1-filtered", "instruction budget 32 vs 48 (filtered SFT)"),
+    ("trprompt-light-k1-filtered-q48", "trprompt-light-k1-filtered", "48 vs 12 queries per iteration (filtered SFT)"),
+    ("trprompt-light-k1-filtered-smollm2", "writer-smollm2", "fine-tuning SmolLM2 (filtered SFT)"),
+    ("trprompt-light-k1-filtered-smollm2", "trprompt-light-k1-filtered",
+     "trained prompt model: SmolLM2-135M vs the target's own weights (filtered SFT)"),
+    ("writer-qwen0.5b", "writer-untrained", "prompt model: Qwen-0.5B vs the target's own weights (untrained)"),
+    ("zeroshot-repeat", "zeroshot", "the same plain program on another CPU (reproducibility of greedy outcomes)"),
+    ("zeroshot-plansolve", "zeroshot", "PlanAndSolve vs MathCoT (plain programs)"),
+    ("writer-untrained-plansolve", "zeroshot-plansolve", "PlanAndSolve: instructions for both predictors (untrained)"),
+    ("writer-untrained-plansolve-solve", "zeroshot-plansolve",
+     "PlanAndSolve: an instruction for the solve predictor only (untrained)"),
+    ("writer-untrained-plansolve-solve", "writer-untrained-plansolve", "PlanAndSolve: one predictor vs both"),
 )
 
 
@@ -275,8 +319,10 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
     lm, threads = stack.target_lm, stack.num_threads
     rec: dict[str, Any] = {"cell": name}
     with dspy.context(lm=lm):
-        if name == "zeroshot":
-            rec.update(_evaluate(load_program(program_spec), dev, metric, lm, threads))
+        if name in PLAIN:
+            spec = PLAIN[name]
+            rec["program"] = spec.get("program", program_spec)
+            rec.update(_evaluate(load_program(rec["program"]), dev, metric, lm, threads))
         elif name in WRITERS:
             spec = WRITERS[name]
             stack.prompt_model.load_adapter(None)
@@ -287,10 +333,11 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
             else:
                 writer = resolve_prompt_model(spec["writer"], lm, max_concurrency=threads)
             budget = spec.get("max_new_tokens", DEFAULT_MAX_INSTRUCTION_TOKENS)
-            program = install_query_aware(load_program(program_spec), prompt_model=writer,
-                                          optimal_reward=DEFAULT_INITIAL_REWARD,
+            rec["program"] = spec.get("program", program_spec)
+            program = install_query_aware(load_program(rec["program"]), prompt_model=writer,
+                                          optimal_reward=DEFAULT_INITIAL_REWARD, predictors=spec.get("predictors"),
                                           generation={"temperature": 0.0, "max_new_tokens": budget})
-            rec["writer"] = {"kind": spec["writer"], "max_new_tokens": budget}
+            rec["writer"] = {"kind": spec["writer"], "max_new_tokens": budget, "predictors": spec.get("predictors")}
             try:
                 rec.update(_evaluate(program, dev, metric, lm, threads))
             finally:
@@ -333,7 +380,7 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
                 rec["evaluated_iteration"] = stats.get("best_iteration")
             rec.update(_evaluate(compiled, dev, metric, lm, threads))
         else:
-            raise ValueError(f"Unknown cell {name!r}; choose from zeroshot, {', '.join(WRITERS)}, {', '.join(CELLS)}.")
+            raise ValueError(f"Unknown cell {name!r}; choose from {', '.join(PLAIN)}, {', '.join(WRITERS)}, {', '.join(CELLS)}.")
     return rec
 
 
@@ -394,11 +441,39 @@ def instruction_styles(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) ->
     return out
 
 
+#: Runs of the reference program (zero-shot MathCoT): the first one on a cell's CPU model is that cell's reference.
+REFERENCES = ("zeroshot", "zeroshot-repeat")
+
+
+def reference_for(name: str, cells: dict[str, dict[str, Any]]) -> str | None:
+    """The zero-shot cell a cell is compared with: the first of :data:`REFERENCES` run on the same CPU model.
+
+    Greedy decoding is not bit-identical across CPUs (another vector unit, other kernels): the reference re-run
+    on an Intel Xeon changed 24 of the EPYC run's 100 answers and 5 outcomes. A cell is therefore paired with
+    the zero-shot run from its own kind of machine; the reference runs themselves with ``zeroshot``.
+
+    Example:
+        >>> cells = {"zeroshot": {"cpu": {"model": "A"}}, "zeroshot-repeat": {"cpu": {"model": "B"}},
+        ...          "x": {"cpu": {"model": "B"}}, "y": {"cpu": {"model": "A"}}}
+        >>> [reference_for(n, cells) for n in ("x", "y", "zeroshot-repeat")]
+        ['zeroshot-repeat', 'zeroshot', 'zeroshot']
+    """
+    if "zeroshot" not in cells:
+        return None
+    if name in REFERENCES:
+        return "zeroshot"
+    model = (cells[name].get("cpu") or {}).get("model")
+    return next((r for r in REFERENCES if r in cells and (cells[r].get("cpu") or {}).get("model") == model),
+                "zeroshot")
+
+
 def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    ref = cells.get("zeroshot")
     table = []
     for name, c in cells.items():
-        row = {"cell": name, **(compare(c["rows"], ref["rows"]) if ref else {}),
+        ref_name = reference_for(name, cells)
+        ref = cells[ref_name] if ref_name else None
+        row = {"cell": name, "reference": ref_name, "cpu_model": (c.get("cpu") or {}).get("model"),
+               **(compare(c["rows"], ref["rows"]) if ref else {}),
                "eval_wall_s": c.get("eval_wall_s"), "compile_wall_s": c.get("compile_wall_s"),
                "target_tok_per_s": c.get("target_tok_per_s"),
                "target_completion_tokens_per_q": round(c["target_completion_tokens"] / len(c["rows"]), 1),
@@ -414,27 +489,33 @@ def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[st
         table.append(row)
     pairs = [{"cell": a, "against": b, "step": step, **compare(cells[a]["rows"], cells[b]["rows"])}
              for a, b, step in PAIRS if a in cells and b in cells]
-    return {**meta, "table": table, "pairs": pairs}
+    cpus = {}
+    for c in cells.values():
+        if c.get("cpu"):
+            cpus.setdefault(c["cpu"]["model"], {**c["cpu"], "server_dtype": c.get("server_dtype")})
+    return {**meta, "cpus": list(cpus.values()), "table": table, "pairs": pairs}
 
 
 def render(summary: dict[str, Any]) -> str:
-    cpu = summary["cpu"]
+    cpus = "; ".join(f"{cpu['model']} ({cpu['cores']} cores; native bf16: {cpu['native_bf16']}; flags "
+                     f"{', '.join(cpu['flags']) or 'none'}; server dtype {cpu.get('server_dtype')})"
+                     for cpu in summary.get("cpus") or [summary["cpu"]])
     lines = [f"# TRPrompt ablation on {summary['dataset']} dev ({summary['target']}, single-base, one vLLM server)", "",
              f"{summary['n']} fixed dev questions (`splits.json`; the test split is not used); each cell against "
-             "zero-shot CoT on the same questions. CPU: "
-             f"{cpu['model']} ({cpu['cores']} cores; native bf16: {cpu['native_bf16']}; flags "
-             f"{', '.join(cpu['flags']) or 'none'}); server dtype {summary['server'].get('dtype')}; seed {summary['seed']}; "
+             f"zero-shot CoT on the same questions. CPUs: {cpus}; seed {summary['seed']}; "
              f"train pool sample {summary['train_size']}.", "",
+             "*vs* names the zero-shot run each cell is compared with: the one on the same CPU model "
+             "(greedy outcomes differ across CPUs; see the `zeroshot-repeat` pair).", "",
              "Each compile cell is evaluated with its best iteration (`min_improvement=None`); *guard* is what the "
              "default no-regression selection returns (the student unless the best iteration beat it on the valset).",
              "",
-             "| cell | acc % | 95 % CI | fixed | broken | Δ points | McNemar p | guard | val student → best (n) "
+             "| cell | CPU | vs | acc % | 95 % CI | fixed | broken | Δ points | McNemar p | guard | val student → best (n) "
              "| compile s | eval s | target tok/s | target calls/q | completion tok/q |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["table"]:
         val = (f"{r['val_baseline']:.3f} → {r['val_best']:.3f} ({r['val_size']})"
                if r.get("val_baseline") is not None and r.get("val_best") is not None else "-")
-        lines.append(f"| {r['cell']} | {r.get('accuracy')} | {r.get('ci95')} | {r.get('fixed')} | {r.get('broken')} | "
+        lines.append(f"| {r['cell']} | {r.get('cpu_model')} | {r.get('reference')} | {r.get('accuracy')} | {r.get('ci95')} | {r.get('fixed')} | {r.get('broken')} | "
                      f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {r.get('selected') or '-'} | {val} | "
                      f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} | "
                      f"{r.get('target_calls_per_q')} | {r.get('target_completion_tokens_per_q')} |")
@@ -458,7 +539,7 @@ def render(summary: dict[str, Any]) -> str:
                          f"{q['delta_points']} | {q['mcnemar_p']} |")
     notes = summary.get("notes") or []
     commands = sorted({r["command"] for r in summary["table"] if r.get("command")} or {summary["command"]})
-    lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in {**WRITERS, **CELLS}.items()), "",
+    lines += ["", "Cells: " + "; ".join(f"`{k}` = {v}" for k, v in {**PLAIN, **WRITERS, **CELLS}.items()), "",
               *(["Notes:", "", *(f"- {n}" for n in notes), ""] if notes else []),
               "Reproduce (each finished cell is kept; a re-run skips it):", "",
               *(f"    {c}" for c in commands), ""]
