@@ -103,6 +103,11 @@ CELLS: dict[str, dict[str, Any]] = {
     # EPYC). They share the student's validation score computed on this machine by the first of them.
     "trprompt-light-k1-filtered-budget32": {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32}},
+    # The budget32 adapter with a larger TextGrad step: 2 steps on 8-query minibatches instead of 1 on 4.
+    "trprompt-light-k1-filtered-budget32-tg2x8": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32,
+                "textgrad_steps": 2, "textgrad_batch_size": 8},
+        "share": ("trprompt-light-k1-filtered-budget32", SHARE_TRAINED)},
     # Four times the queries of one light iteration (48 x 2 rollouts): the queries-per-iteration point of the curve.
     "trprompt-light-k1-filtered-q48": {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "queries_per_iteration": 48, "sft": {"min_score": 1.0}},
@@ -159,13 +164,15 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("writer-smollm2", "writer-untrained", "prompt model: SmolLM2-135M vs the target's own weights (untrained)"),
     ("trprompt-light-k1-filtered-budget32", "writer-untrained-budget32", "fine-tuning, filtered SFT (32-token budget)"),
     ("trprompt-light-k1-filtered-budget32", "trprompt-light-k1-filtered", "instruction budget 32 vs 48 (filtered SFT)"),
+    ("trprompt-light-k1-filtered-budget32-tg2x8", "trprompt-light-k1-filtered-budget32",
+     "TextGrad 2 x 8 queries (both steps failed: 2048-token context, t* = t*_0) vs 1 x 4 (accepted on a tie)"),
     ("trprompt-light-k1-filtered-q48", "trprompt-light-k1-filtered", "48 vs 12 queries per iteration (filtered SFT)"),
     ("trprompt-light-k1-filtered-smollm2", "writer-smollm2", "fine-tuning SmolLM2 (filtered SFT)"),
     ("trprompt-light-k1-filtered-smollm2", "trprompt-light-k1-filtered",
      "trained prompt model: SmolLM2-135M vs the target's own weights (filtered SFT)"),
     ("writer-qwen0.5b", "writer-untrained", "prompt model: Qwen-0.5B vs the target's own weights (untrained)"),
     ("zeroshot-repeat", "zeroshot", "the same plain program on another CPU (reproducibility of greedy outcomes)"),
-    ("zeroshot-plansolve", "zeroshot", "PlanAndSolve vs MathCoT (plain programs)"),
+    ("zeroshot-plansolve", "zeroshot-repeat", "PlanAndSolve vs MathCoT (plain programs, same CPU)"),
     ("writer-untrained-plansolve", "zeroshot-plansolve", "PlanAndSolve: instructions for both predictors (untrained)"),
     ("writer-untrained-plansolve-solve", "zeroshot-plansolve",
      "PlanAndSolve: an instruction for the solve predictor only (untrained)"),

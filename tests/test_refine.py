@@ -215,19 +215,26 @@ def test_importing_refine_does_not_import_textgrad():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_candidate_that_restates_a_query_is_rejected_without_evaluation():
-    question = "A farmer has 12 cows and buys 5 more cows at the market on Monday. How many cows now?"
-    engine = ScriptedEngine(["<IMPROVED_VARIABLE>The optimal reward: a farmer has 12 cows and buys 5 more cows "
-                             "at the market.</IMPROVED_VARIABLE>"])
+@pytest.mark.parametrize("question, candidate, gold, copied", [
+    ("A farmer has 12 cows and buys 5 more cows at the market on Monday. How many cows now?",
+     "The optimal reward: a farmer has 12 cows and buys 5 more cows at the market.", "17", "a farmer has 12 cows"),
+    # Seen in the GSM-Hard study: a tie-accepted t* pasted one query's quantities in LaTeX (no 8-word run shared).
+    ("A teapot holds 1.5 quarts. 16 students each drank 2 quarts. How many teapots were emptied?",
+     "The response uses every quantity in \\(1.5 \\text{ quarts and } 16 \\text{ students}\\) and ends with the "
+     "correct final answer.", "21", "numbers 1.5, 16"),
+], ids=["words", "numbers"])
+def test_candidate_that_restates_a_query_is_rejected_without_evaluation(question, candidate, gold, copied):
+    engine = ScriptedEngine([f"<IMPROVED_VARIABLE>{candidate}</IMPROVED_VARIABLE>"])
     log: list[str] = []
 
     def evaluate(t):
         log.append(t)
-        r = Rollout(0, 0, inputs={"question": question}, gold={"answer": "17"},
+        r = Rollout(0, 0, inputs={"question": question}, gold={"answer": gold},
                     instructions=[{"predictor": "p", "request": {}, "instruction": "Add."}],
-                    outputs={"answer": "16"}, score=0.0, feedback="Expected 17.")
+                    outputs={"answer": "16"}, score=0.0, feedback=f"Expected {gold}.")
         return EvalResult(0.0, [0.0], [r])
 
     res = refine_optimal_reward("Be correct.", evaluate=evaluate, engine=engine, steps=1)
     assert res.value == "Be correct." and res.history[0]["error_kind"] == "copies_query"
+    assert copied in res.history[0]["error"]
     assert log == ["Be correct."]  # the candidate was never evaluated

@@ -12,7 +12,8 @@ ideal outcome. Each TRPrompt iteration improves t* with textual gradient descent
    function's backward pass, a gradient on t* itself;
 4. ``TGD.step()`` rewrites t* (a missing ``<IMPROVED_VARIABLE>`` tag is retried once, then the step is
    abandoned);
-5. the candidate is rejected if it states a minibatch gold answer or restates a query, otherwise evaluated,
+5. the candidate is rejected if it states a minibatch gold answer or restates a query (a run of its words,
+   or two of its numbers that t* did not have), otherwise evaluated,
    and accepted if the minibatch score improves, or ties a non-zero score. A tie at zero is rejected: the
    minibatch then says nothing about the candidate (a 0.5B engine's "Minimum Pair Output" replaced a
    sensible t* that way in a CPU demo run).
@@ -189,17 +190,29 @@ def _query_text(rollout: Any) -> str:
     return " ".join(str(v) for v in (rollout.inputs or {}).values())
 
 
-def copies_a_query(candidate: str, queries: Sequence[str], *, ngram: int = 8) -> str | None:
-    """Return a run of ``ngram`` words that ``candidate`` shares with one of ``queries`` (else ``None``).
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def copies_a_query(candidate: str, queries: Sequence[str], *, ngram: int = 8, min_numbers: int = 2,
+                   allowed: str = "") -> str | None:
+    """Return what ``candidate`` copies from one of ``queries``, else ``None``.
 
     t* is shared by every query at inference, so a candidate that restates one query (small TextGrad
-    engines do this) is query-specific noise, whatever its minibatch score.
+    engines do this) is query-specific noise, whatever its minibatch score. Two kinds of copy count: a run
+    of ``ngram`` words shared with a query, and ``min_numbers`` or more distinct numbers of one query that
+    are not already in ``allowed`` (the current t*). The second catches a query pasted in another notation:
+    a 1.5B engine accepted on a minibatch tie wrote "uses every quantity in \\(1.5 \\text{ quarts and } 16
+    \\text{ students ...}\\)" into t* (GSM-Hard study, 2026-12-01).
 
     Example:
         >>> copies_a_query("Find how many apples Tom has left after he gives away 3 of his 10 apples.",
         ...                ["Tom has 10 apples. How many apples Tom has left after he gives away 3 of his 10 apples?"])
         'how many apples tom has left after he'
         >>> copies_a_query("The response checks each step and ends with the correct number.", ["Tom has 10 apples."])
+        >>> copies_a_query("Use every quantity (\\(1.5\\) quarts, \\(16\\) students).",
+        ...                ["A pot holds 1.5 quarts; 16 students drink 2 quarts each."])
+        'numbers 1.5, 16'
+        >>> copies_a_query("Round to 2 decimal places; show 3 steps.", ["Buy 2 pens and 3 books."], allowed="2 and 3")
     """
     def words(text: str) -> list[str]:
         return re.findall(r"[a-z0-9$%.]+", text.lower())
@@ -212,6 +225,11 @@ def copies_a_query(candidate: str, queries: Sequence[str], *, ngram: int = 8) ->
             g = " ".join(qw[i:i + ngram])
             if g in grams:
                 return g
+    numbers = set(_NUMBER.findall(candidate)) - set(_NUMBER.findall(allowed))
+    for q in queries:
+        shared = sorted(numbers & set(_NUMBER.findall(q)), key=float)
+        if len(shared) >= min_numbers:
+            return "numbers " + ", ".join(shared)
     return None
 
 
@@ -322,7 +340,8 @@ def refine_optimal_reward(
             entry["error"] = "rejected: the candidate states a gold answer of the minibatch"
             logger.info("TextGrad step %d: candidate leaks a gold answer; rejected", step)
             continue
-        copied = copies_a_query(candidate, [_query_text(r) for r in before.rollouts])
+        copied = copies_a_query(candidate, [_query_text(r) for r in before.rollouts],
+                                allowed=current + "\n" + "\n".join(constraints))
         if copied:
             entry["error_kind"] = "copies_query"
             entry["error"] = f"rejected: the candidate copies query text ({copied!r}); t* must describe any outcome"
