@@ -108,6 +108,12 @@ CELLS: dict[str, dict[str, Any]] = {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32,
                 "textgrad_steps": 2, "textgrad_batch_size": 8},
         "share": ("trprompt-light-k1-filtered-budget32", SHARE_TRAINED)},
+    # The same 2 x 8 TextGrad step after the outcome report was made to fit the engine's context (a step whose
+    # prompt the server rejects as too long is retried with a report half as long): the batch/steps row itself.
+    "trprompt-light-k1-filtered-budget32-tg2x8-fit": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32,
+                "textgrad_steps": 2, "textgrad_batch_size": 8},
+        "share": ("trprompt-light-k1-filtered-budget32", SHARE_TRAINED)},
     # Four times the queries of one light iteration (48 x 2 rollouts): the queries-per-iteration point of the curve.
     "trprompt-light-k1-filtered-q48": {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "queries_per_iteration": 48, "sft": {"min_score": 1.0}},
@@ -166,6 +172,10 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("trprompt-light-k1-filtered-budget32", "trprompt-light-k1-filtered", "instruction budget 32 vs 48 (filtered SFT)"),
     ("trprompt-light-k1-filtered-budget32-tg2x8", "trprompt-light-k1-filtered-budget32",
      "TextGrad 2 x 8 queries (both steps failed: 2048-token context, t* = t*_0) vs 1 x 4 (accepted on a tie)"),
+    ("trprompt-light-k1-filtered-budget32-tg2x8-fit", "trprompt-light-k1-filtered-budget32",
+     "TextGrad 2 x 8 queries (report cut to fit the context) vs 1 x 4"),
+    ("trprompt-light-k1-filtered-budget32-tg2x8-fit", "trprompt-light-k1-filtered-budget32-tg2x8",
+     "TextGrad 2 x 8 queries vs t* = t*_0 (same adapter)"),
     ("trprompt-light-k1-filtered-q48", "trprompt-light-k1-filtered", "48 vs 12 queries per iteration (filtered SFT)"),
     ("trprompt-light-k1-filtered-smollm2", "writer-smollm2", "fine-tuning SmolLM2 (filtered SFT)"),
     ("trprompt-light-k1-filtered-smollm2", "trprompt-light-k1-filtered",

@@ -359,3 +359,40 @@ def test_balanced_sft_trains_on_as_many_good_outcomes_as_bad(tmp_path, lm):
     assert scores.count(1.0) == scores.count(0.0) == min(unbalanced.count(1.0), unbalanced.count(0.0)) > 0
     saved = (tmp_path / "balanced" / "log" / "iter_000" / "sft.jsonl").read_text().splitlines()
     assert len(saved) == len(scores)
+
+
+# -- TextGrad acceptance on validation -------------------------------------------------------------------
+@pytest.mark.parametrize("acceptance", ["minibatch", "validation"])
+def test_textgrad_acceptance_on_validation_takes_back_a_t_star_that_loses_on_the_valset(tmp_path, lm, monkeypatch,
+                                                                                       acceptance):
+    import trprompt_dspy.loop.refine_reward as refine_module
+
+    bad = "CANDIDATE: answer as briefly as possible."
+
+    def refine(t_star, **kw):  # a TextGrad step that won its minibatch with a t* that breaks every answer
+        return refine_module.RefineResult(bad, True, [{"step": 1, "accepted": True, "error": None}], 0.5, 1.0)
+
+    monkeypatch.setattr(refine_module, "refine_optimal_reward", refine)
+    # the instruction holds the marker (so the target answers right) unless Π is conditioned on the candidate
+    pm = FakePromptModel(lambda req: "Add the numbers." if "CANDIDATE" in req.reward else
+                         "Add the numbers carefully, then state the sum.")
+    compiled, _, _ = compile_small(tmp_path, pm=pm, num_iterations=1, textgrad_acceptance=acceptance)
+    res = compiled.detailed_results
+    (it,) = res.iterations
+    val = json.loads((tmp_path / "log" / "iter_000" / "val.json").read_text())
+    if acceptance == "validation":
+        assert it.t_star != bad and not it.t_star_accepted and it.val_score == 1.0
+        assert [c["score"] for c in val["t_star_candidates"]] == [0.0, 1.0] and val["t_star"] == it.t_star
+        assert res.selected == 0  # the iteration with its previous t* beats the student
+        assert all(p.optimal_reward == it.t_star for _, p in query_aware_predictors(compiled))
+    else:
+        assert it.t_star == bad and it.t_star_accepted and it.val_score == 0.0 and "t_star_candidates" not in val
+        assert res.selected == "student"
+    # resuming the finished run keeps the decision that validation made
+    again, _, _ = compile_small(tmp_path, pm=pm, num_iterations=1, textgrad_acceptance=acceptance)
+    assert again.detailed_results.iterations[0].t_star == it.t_star
+
+
+def test_textgrad_acceptance_must_be_a_known_rule():
+    with pytest.raises(ValueError, match="textgrad_acceptance must be one of 'minibatch', 'validation'"):
+        TRPromptOptimizer(metric=numeric_metric, textgrad_acceptance="valset")

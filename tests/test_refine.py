@@ -125,6 +125,65 @@ def test_engine_failure_is_recorded_and_t_star_kept():
     assert "server down" in res.history[0]["error"]
 
 
+def _long_minibatch(n=8):
+    rollouts = [Rollout(i, 0, inputs={"question": f"Question {i}: " + "a farmer counts the sheep again. " * 20},
+                        outputs={"reasoning": "First I add the numbers. " * 30, "answer": "7"}, score=0.0,
+                        feedback="The final answer is wrong; the reasoning skipped a quantity. " * 3)
+                for i in range(n)]
+    return EvalResult(0.0, [0.0] * n, rollouts)
+
+
+class ContextLimitedEngine(ScriptedEngine):
+    """Rejects any prompt longer than ``limit`` characters the way vLLM does (a 400 naming the context)."""
+
+    def __init__(self, updates, limit):
+        super().__init__(updates)
+        self.limit, self.rejected = limit, 0
+
+    def generate(self, content, system_prompt=None, **kwargs):
+        from dspy.utils.exceptions import LMInvalidRequestError
+
+        if len(system_prompt or "") + len(str(content)) > self.limit:
+            self.rejected += 1
+            raise LMInvalidRequestError("This model's maximum context length is 2048 tokens. However, your prompt "
+                                        "contains at least 2049 input tokens.", status=400)
+        return super().generate(content, system_prompt=system_prompt, **kwargs)
+
+
+def test_a_report_too_long_for_the_engine_context_is_cut_and_the_step_retried():
+    batch = _long_minibatch()
+    full = len(render_outcome_report(batch.rollouts))
+    engine = ContextLimitedEngine(["<IMPROVED_VARIABLE>Check each quantity.</IMPROVED_VARIABLE>"], limit=9000)
+    res = refine_optimal_reward("Be correct.", evaluate=lambda t: EvalResult(1.0, [1.0], batch.rollouts[:1]),
+                                engine=engine, steps=1, initial=batch)
+    (h,) = res.history
+    assert engine.rejected >= 1  # the uncut report (with TextGrad's template around it) did not fit
+    assert h["error"] is None and res.accepted and res.value == "Check each quantity."
+    assert h["report_chars"] <= full // 2
+    assert all(len(sp) + len(str(c)) <= 9000 for sp, c in engine.calls)  # every call that ran fit the context
+
+
+def test_a_context_the_report_can_never_fit_fails_the_step_after_bounded_retries():
+    engine = ContextLimitedEngine(["<IMPROVED_VARIABLE>x</IMPROVED_VARIABLE>"], limit=100)
+    res = refine_optimal_reward("Be correct.", evaluate=make_eval(lambda t: 0.5), engine=engine, steps=1,
+                                initial=_long_minibatch())
+    (h,) = res.history
+    assert h["error_kind"] == "engine" and h["cause"] == "context_window" and res.value == "Be correct."
+    assert 2 <= engine.rejected <= 4
+
+
+def test_report_max_chars_bounds_the_report_and_keeps_failures_first():
+    batch = _long_minibatch(6)
+    batch.rollouts[5].score = 1.0
+    for limit in (5000, 2000, 600):
+        report = render_outcome_report(batch.rollouts, max_chars=limit)
+        assert len(report) <= limit and report.startswith("Minibatch: 1 of 6 correct")
+        assert "Example 1 (incorrect" in report
+    assert "(correct, score 1)" not in render_outcome_report(batch.rollouts, max_chars=900)  # the correct example goes first
+    with pytest.raises(ValueError, match="max_chars"):
+        render_outcome_report(batch.rollouts, max_chars=0)
+
+
 def test_leaking_candidate_is_rejected_without_evaluation():
     engine = ScriptedEngine(["<IMPROVED_VARIABLE>The result should be 42.</IMPROVED_VARIABLE>"])
     log: list[str] = []

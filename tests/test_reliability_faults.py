@@ -19,6 +19,7 @@ import openai
 import pytest
 from dspy.utils.exceptions import (
     AdapterParseError,
+    LMInvalidRequestError,
     LMRateLimitError,
     LMServerError,
     LMTimeoutError,
@@ -154,6 +155,9 @@ def make_optimizer(tmp_path, pm, reward_lm, textgrad_lm, **kw):
     (AdapterParseError("ChatAdapter", dspy.Signature("q -> a"), "", "The LM returned an empty or null response."),
      "empty_completion"),
     (AdapterParseError("JSONAdapter", dspy.Signature("q -> a"), "zzz"), "parse_error"),
+    (LMInvalidRequestError("This model's maximum context length is 2048 tokens. However, your prompt contains at "
+                           "least 2049 input tokens", status=400), "context_window"),  # vLLM's wording
+    (LMInvalidRequestError("Unrecognized request argument: foo", status=400), "bad_request"),
     (ValueError("something else"), "other"),
 ])
 def test_classify_error_names_the_kind_through_wrappers(exc, kind):

@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["AUTO_BUDGETS", "DEFAULT_AUTO", "DEFAULT_SEED", "AutoLevel", "Budget", "LoraSettings", "SFTSettings"]
+__all__ = ["AUTO_BUDGETS", "DEFAULT_AUTO", "DEFAULT_SEED", "TEXTGRAD_ACCEPTANCE", "AutoLevel", "Budget", "LoraSettings",
+           "SFTSettings"]
 
 AutoLevel = Literal["light", "medium", "heavy"]
 
@@ -29,6 +30,8 @@ AutoLevel = Literal["light", "medium", "heavy"]
 DEFAULT_AUTO: AutoLevel = "light"
 #: The seed of every random choice unless one is given (optimizer, CLI, demo, benchmarks).
 DEFAULT_SEED = 0
+#: How a TextGrad candidate t* is accepted (``TRPromptOptimizer(textgrad_acceptance=...)``); the first is the default.
+TEXTGRAD_ACCEPTANCE = ("minibatch", "validation")
 
 #: Loop sizes per ``auto`` level. ``val_size`` caps how many validation examples score each candidate
 #: (the student included). Selection needs enough of them to tell candidates apart: with 24 examples one

@@ -135,6 +135,13 @@ class RefineResult:
                 "initial_score": self.initial_score, "final_score": self.final_score}
 
 
+#: The shortest a report field is clipped to when a report must fit ``max_chars``.
+_MIN_FIELD_CHARS = 80
+#: How many times a TextGrad step is retried with a report half as long after the engine reports that a
+#: prompt does not fit its context.
+_CONTEXT_RETRIES = 3
+
+
 def _clip(text: Any, limit: int) -> str:
     s = " ".join(str(text).split())
     return s if len(s) <= limit else s[: limit - 5].rstrip() + " ..."
@@ -147,6 +154,7 @@ def render_outcome_report(
     include_gold: bool = False,
     max_examples: int = 8,
     max_field_chars: int = 400,
+    max_chars: int | None = None,
 ) -> str:
     """Render a minibatch evaluation as the text the TextGrad loss critiques.
 
@@ -154,11 +162,32 @@ def render_outcome_report(
     incorrect (``score >= success_threshold`` is correct), and the metric's feedback. Gold answers are
     left out unless ``include_gold`` (the metric feedback usually says enough).
 
+    ``max_chars`` bounds the whole report: each field is clipped shorter (down to 80 characters), then the
+    last examples (the correct ones come last) are left out, until it fits. TextGrad puts the report into
+    three of its four prompts, so its length decides whether a step fits the engine's context (8 examples of
+    a 1.5B target's reasoning did not fit a 2048-token vLLM server).
+
     Example:
         >>> r = Rollout(0, 0, inputs={"q": "1+1?"}, outputs={"a": "3"}, score=0.0, feedback="Wrong sum.")
         >>> print(render_outcome_report([r]).splitlines()[0])
         Minibatch: 0 of 1 correct (mean score 0).
+        >>> long = [Rollout(i, 0, inputs={"q": "x " * 300}, outputs={"a": "y " * 300}, score=0.0) for i in range(8)]
+        >>> len(render_outcome_report(long)) > 4000, len(render_outcome_report(long, max_chars=2000)) <= 2000
+        (True, True)
     """
+    if max_chars is not None:
+        if not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 1:
+            raise ValueError(f"max_chars must be a positive integer or None; got {max_chars!r}.")
+        field_chars, examples = max_field_chars, max_examples
+        while True:
+            report = render_outcome_report(rollouts, success_threshold=success_threshold, include_gold=include_gold,
+                                           max_examples=examples, max_field_chars=field_chars)
+            if len(report) <= max_chars or (examples <= 1 and field_chars <= _MIN_FIELD_CHARS):
+                return report
+            if field_chars > _MIN_FIELD_CHARS:
+                field_chars = max(_MIN_FIELD_CHARS, int(field_chars * 0.75))
+            else:
+                examples -= 1
     n_ok = sum(1 for r in rollouts if r.score >= success_threshold)
     mean = sum(r.score for r in rollouts) / len(rollouts) if rollouts else 0.0
     lines = [f"Minibatch: {n_ok} of {len(rollouts)} correct (mean score {mean:g})."]
@@ -233,6 +262,24 @@ def copies_a_query(candidate: str, queries: Sequence[str], *, ngram: int = 8, mi
     return None
 
 
+def _textgrad_update(tg: Any, string_function: Any, variable: Any, report: str, *, engine: Any,
+                     constraints: Sequence[str], loss_system_prompt: str, step: int) -> None:
+    """One TextGrad step on ``variable`` (t*): loss on ``report``, backward pass, TGD update in place."""
+    outcome_fn = string_function(fn=lambda optimal_reward, _r=report: _r, function_purpose=REPORT_FUNCTION_PURPOSE)
+    outcomes = outcome_fn(inputs={"optimal_reward": variable}, response_role_description=REPORT_ROLE)
+    loss = tg.TextLoss(loss_system_prompt, engine=engine)(outcomes)
+    with _no_global_backward_engine(tg):
+        loss.backward(engine=engine)
+    if not variable.get_gradient_text().strip():
+        raise _EmptyGradient("the backward pass produced an empty gradient for t*")
+    optimizer = tg.TGD(parameters=[variable], engine=engine, constraints=list(constraints))
+    try:
+        optimizer.step()
+    except IndexError:
+        logger.info("TextGrad step %d: no <IMPROVED_VARIABLE> tags in the reply; retrying once", step)
+        optimizer.step()
+
+
 def refine_optimal_reward(
     t_star: str,
     *,
@@ -244,6 +291,7 @@ def refine_optimal_reward(
     success_threshold: float = 1.0,
     include_gold: bool = False,
     max_report_examples: int = 8,
+    max_report_chars: int | None = None,
     loss_system_prompt: str = LOSS_SYSTEM_PROMPT,
 ) -> RefineResult:
     """Improve t* with ``steps`` TextGrad updates, keeping only updates that do not lower the score.
@@ -260,6 +308,10 @@ def refine_optimal_reward(
         success_threshold: Scores at or above this count as "correct" in the report.
         include_gold: Show gold answers in the loss report (leaks are still rejected).
         max_report_examples: Examples shown in the report.
+        max_report_chars: Bound on the report's length (see :func:`render_outcome_report`); ``None``: no
+            bound. Whatever the bound, a step whose prompt the engine rejects as longer than its context
+            (``classify_error`` kind ``context_window``) is retried up to 3 times with the report cut to
+            half its length; ``history[i]["report_chars"]`` records the length that was used.
         loss_system_prompt: The loss's instructions.
 
     Returns:
@@ -293,26 +345,26 @@ def refine_optimal_reward(
                                  "score_after": None, "accepted": False, "error": None, "error_kind": None,
                                  "gradient": None}
         history.append(entry)
-        report = render_outcome_report(before.rollouts, success_threshold=success_threshold,
-                                       include_gold=include_gold, max_examples=max_report_examples)
-        variable = tg.Variable(current, requires_grad=True, role_description=OPTIMAL_REWARD_ROLE)
+        budget = max_report_chars
         try:
-            outcome_fn = StringBasedFunction(fn=lambda optimal_reward, _r=report: _r,
-                                             function_purpose=REPORT_FUNCTION_PURPOSE)
-            outcomes = outcome_fn(inputs={"optimal_reward": variable}, response_role_description=REPORT_ROLE)
-            loss = tg.TextLoss(loss_system_prompt, engine=engine)(outcomes)
-            with _no_global_backward_engine(tg):
-                loss.backward(engine=engine)
+            for attempt in range(_CONTEXT_RETRIES + 1):
+                report = render_outcome_report(before.rollouts, success_threshold=success_threshold,
+                                               include_gold=include_gold, max_examples=max_report_examples,
+                                               max_chars=budget)
+                entry["report_chars"] = len(report)
+                variable = tg.Variable(current, requires_grad=True, role_description=OPTIMAL_REWARD_ROLE)
+                try:
+                    _textgrad_update(tg, StringBasedFunction, variable, report, engine=engine,
+                                     constraints=constraints, loss_system_prompt=loss_system_prompt, step=step)
+                    break
+                except Exception as exc:
+                    if classify_error(exc) != "context_window" or attempt == _CONTEXT_RETRIES or len(report) < 400:
+                        raise
+                    budget = len(report) // 2
+                    logger.warning("TextGrad step %d: a prompt did not fit the engine's context (%s); retrying with "
+                                   "the outcome report cut to %d characters", step, str(exc)[:160], budget)
             gradient = variable.get_gradient_text().strip()
             entry["gradient"] = gradient
-            if not gradient:
-                raise _EmptyGradient("the backward pass produced an empty gradient for t*")
-            optimizer = tg.TGD(parameters=[variable], engine=engine, constraints=list(constraints))
-            try:
-                optimizer.step()
-            except IndexError:
-                logger.info("TextGrad step %d: no <IMPROVED_VARIABLE> tags in the reply; retrying once", step)
-                optimizer.step()
         except IndexError as exc:
             entry["error_kind"] = "missing_tags"
             entry["error"] = f"no <IMPROVED_VARIABLE> tags after a retry: {str(exc)[:300]}"

@@ -22,7 +22,7 @@ from typing import Any
 import dspy
 
 from trprompt_dspy.backends.prompt_model.base import PromptModel, SFTExample
-from trprompt_dspy.config import Budget, LoraSettings, SFTSettings
+from trprompt_dspy.config import TEXTGRAD_ACCEPTANCE, Budget, LoraSettings, SFTSettings
 from trprompt_dspy.results import STUDENT, IterationStats, TRPromptResult
 from trprompt_dspy.runtime.checkpoint import RunDirectory
 from trprompt_dspy.runtime.faults import (
@@ -76,6 +76,7 @@ class RunSettings:
     reward_verdict: bool
     track_stats: bool
     display_progress: bool
+    textgrad_acceptance: str = TEXTGRAD_ACCEPTANCE[0]
 
 
 class TRPromptRun:
@@ -199,12 +200,17 @@ class TRPromptRun:
         with _timed(seconds, "sft"):
             sft_examples, n_filtered = self._sft_data(k, rollouts, d)
             train = self._train(k, sft_examples, d)
+        previous = self.t_star
         with _timed(seconds, "textgrad"):
             accepted = self._refine(k, program, d)
         for _, p in query_aware_predictors(program):
             p.optimal_reward = self._conditioning(self.t_star)
         with _timed(seconds, "validation"):
-            val_score = self._validate(k, program, d)
+            val_score = self._validate(k, program, d, previous=previous)
+        if self.t_star != previous or accepted:
+            accepted = self.t_star != previous  # False when validation took the candidate back
+            for _, p in query_aware_predictors(program):
+                p.optimal_reward = self._conditioning(self.t_star)
         if self.best["score"] is None or val_score > self.best["score"]:
             self.best = {"iteration": k, "score": val_score, "adapter": train.get("adapter_path"),
                          "t_star": self.t_star}
@@ -380,23 +386,52 @@ class TRPromptRun:
         return bool(result.accepted)
 
     # -- step 4: validation and selection -------------------------------------------------------
-    def _validate(self, k: int, program: dspy.Module, d: Path) -> float:
+    def _validate(self, k: int, program: dspy.Module, d: Path, *, previous: str | None = None) -> float:
+        """Score iteration ``k`` on the valset; with ``textgrad_acceptance="validation"`` also decide t*.
+
+        When this iteration's TextGrad step replaced ``previous`` (the t* the iteration started with), the
+        valset is scored with both and the candidate is kept only if it scores strictly higher; otherwise t*
+        goes back to ``previous`` (``val.json`` records both scores under ``"t_star_candidates"``).
+        """
         saved = self.run_dir.read_json(d / "val.json")
         if saved is not None:
-            self.metric_calls += len(saved.get("scores", []))
+            self.metric_calls += sum(len(c.get("scores", [])) for c in saved.get("t_star_candidates", [saved]))
+            if saved.get("t_star") and saved["t_star"] != self.t_star:
+                self._take_back(saved["t_star"])
             return float(saved["score"])
+        res = self._score_valset(program, self.t_star, "validation")
+        record: dict[str, Any] = {"score": res.score, "scores": res.scores, "t_star": self.t_star}
+        if self.settings.textgrad_acceptance == "validation" and previous is not None and previous != self.t_star:
+            old = self._score_valset(program, previous, "validation (t* before TextGrad)")
+            keep = res.score > old.score
+            logger.info("TextGrad acceptance on validation: the refined t* scores %.3f, the previous one %.3f; "
+                        "keeping the %s.", res.score, old.score, "refined t*" if keep else "previous t*")
+            candidates = [{"t_star": self.t_star, "score": res.score, "scores": res.scores},
+                          {"t_star": previous, "score": old.score, "scores": old.scores}]
+            if not keep:
+                self._take_back(previous)
+                res = old
+            record = {"score": res.score, "scores": res.scores, "t_star": self.t_star,
+                      "t_star_candidates": candidates}
+        self.run_dir.write_json(d / "val.json", record)
+        return float(res.score)
+
+    def _score_valset(self, program: dspy.Module, t_star: str, phase: str) -> Any:
         from trprompt_dspy.loop.rollouts import evaluate_program
 
         self.metric_calls += len(self.valset)
         with self._role("target"):
             res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.settings.num_threads,
-                                   reward_text=self._conditioning(self.t_star), prompt_model=self.gpm,
-                                   retry=self.retry)
+                                   reward_text=self._conditioning(t_star), prompt_model=self.gpm, retry=self.retry)
         self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
-        self._record_failures("validation", res.rollouts)
-        self.run_dir.write_json(d / "val.json", {"score": res.score, "scores": res.scores,
-                                                 "t_star": self.t_star})
-        return float(res.score)
+        self._record_failures(phase, res.rollouts)
+        return res
+
+    def _take_back(self, t_star: str) -> None:
+        """Return t* to an earlier value (validation preferred it to the TextGrad candidate)."""
+        if len(self.t_history) > 1 and self.t_history[-1] == self.t_star:
+            self.t_history.pop()
+        self.t_star = t_star
 
     def _baseline(self) -> float:
         saved = self.run_dir.read_json(self.run_dir.root / "baseline.json")

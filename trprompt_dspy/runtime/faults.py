@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -136,6 +137,11 @@ def _names(exc: BaseException) -> list[str]:
     return [c.__name__ for c in type(exc).__mro__ if c not in (BaseException, Exception, object)]
 
 
+#: How OpenAI-compatible servers word a prompt that does not fit the context ("This model's maximum context
+#: length is 2048 tokens. However, your prompt contains at least 2049 input tokens ..." from vLLM).
+_CONTEXT_TEXT = re.compile(r"maximum context length|context length|context window|too many tokens", re.IGNORECASE)
+
+
 def _kind_of(exc: BaseException) -> str | None:
     names = _names(exc)
     joined = " ".join(names)
@@ -164,7 +170,8 @@ def _kind_of(exc: BaseException) -> str | None:
     if isinstance(exc, ConnectionError) or any(n in joined for n in _CONNECTION_NAMES):
         return "connection"
     if status is not None and 400 <= status < 500:
-        return "bad_request"
+        # OpenAI-compatible servers (vLLM) answer a prompt longer than the context with a plain 400.
+        return "context_window" if _CONTEXT_TEXT.search(str(exc)) else "bad_request"
     return None
 
 
