@@ -114,6 +114,12 @@ CELLS: dict[str, dict[str, Any]] = {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32,
                 "textgrad_steps": 2, "textgrad_batch_size": 8},
         "share": ("trprompt-light-k1-filtered-budget32", SHARE_TRAINED)},
+    # The budget32 compile again with its TextGrad step (accepted on a 0.25 tie) decided on the valset instead:
+    # the same adapter and the same refined t*, both t* scored on the 50 validation examples.
+    "trprompt-light-k1-filtered-budget32-tgval": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}, "max_instruction_tokens": 32,
+                "textgrad_acceptance": "validation"},
+        "share": ("trprompt-light-k1-filtered-budget32", (*SHARE_TRAINED, "iter_000/refine.json"))},
     # Four times the queries of one light iteration (48 x 2 rollouts): the queries-per-iteration point of the curve.
     "trprompt-light-k1-filtered-q48": {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "queries_per_iteration": 48, "sft": {"min_score": 1.0}},
@@ -176,6 +182,8 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
      "TextGrad 2 x 8 queries (report cut to fit the context) vs 1 x 4"),
     ("trprompt-light-k1-filtered-budget32-tg2x8-fit", "trprompt-light-k1-filtered-budget32-tg2x8",
      "TextGrad 2 x 8 queries vs t* = t*_0 (same adapter)"),
+    ("trprompt-light-k1-filtered-budget32-tgval", "trprompt-light-k1-filtered-budget32",
+     "TextGrad accepted on validation vs on its minibatch (same adapter, same candidate t*)"),
     ("trprompt-light-k1-filtered-q48", "trprompt-light-k1-filtered", "48 vs 12 queries per iteration (filtered SFT)"),
     ("trprompt-light-k1-filtered-smollm2", "writer-smollm2", "fine-tuning SmolLM2 (filtered SFT)"),
     ("trprompt-light-k1-filtered-smollm2", "trprompt-light-k1-filtered",
