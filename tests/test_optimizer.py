@@ -396,3 +396,11 @@ def test_textgrad_acceptance_on_validation_takes_back_a_t_star_that_loses_on_the
 def test_textgrad_acceptance_must_be_a_known_rule():
     with pytest.raises(ValueError, match="textgrad_acceptance must be one of 'minibatch', 'validation'"):
         TRPromptOptimizer(metric=numeric_metric, textgrad_acceptance="valset")
+
+
+def test_the_selection_log_counts_the_valset_examples_the_iteration_won_and_lost(tmp_path, lm, caplog):
+    with caplog.at_level("INFO", logger="trprompt_dspy.loop.run"):
+        compiled, _, _ = compile_small(tmp_path, num_iterations=1)
+    assert compiled.detailed_results.selected == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Selected iteration")]
+    assert line.endswith("vs the student's 0.000 (3 examples better, 0 worse).")
