@@ -492,6 +492,18 @@ def reference_for(name: str, cells: dict[str, dict[str, Any]]) -> str | None:
                 "zeroshot")
 
 
+def _selected_label(selected: Any) -> str:
+    """What the guarded compile returned, as a table cell: ``student``, ``iteration 0`` ..., or ``-`` (no compile).
+
+    Example:
+        >>> [_selected_label(v) for v in ("student", 0, None)]
+        ['student', 'iteration 0', '-']
+    """
+    if selected is None:
+        return "-"
+    return selected if isinstance(selected, str) else f"iteration {selected}"
+
+
 def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     table = []
     for name, c in cells.items():
@@ -541,7 +553,7 @@ def render(summary: dict[str, Any]) -> str:
         val = (f"{r['val_baseline']:.3f} → {r['val_best']:.3f} ({r['val_size']})"
                if r.get("val_baseline") is not None and r.get("val_best") is not None else "-")
         lines.append(f"| {r['cell']} | {r.get('cpu_model')} | {r.get('reference')} | {r.get('accuracy')} | {r.get('ci95')} | {r.get('fixed')} | {r.get('broken')} | "
-                     f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {r.get('selected') or '-'} | {val} | "
+                     f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {_selected_label(r.get('selected'))} | {val} | "
                      f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} | "
                      f"{r.get('target_calls_per_q')} | {r.get('target_completion_tokens_per_q')} |")
     styled = [r for r in summary["table"] if r.get("instruction_styles")]
