@@ -399,7 +399,7 @@ def test_textgrad_acceptance_must_be_a_known_rule():
 
 
 def test_the_selection_log_counts_the_valset_examples_the_iteration_won_and_lost(tmp_path, lm, caplog):
-    with caplog.at_level("INFO", logger="trprompt_dspy.loop.run"):
+    with caplog.at_level("INFO", logger="trprompt_dspy.loop.selection"):
         compiled, _, _ = compile_small(tmp_path, num_iterations=1)
     assert compiled.detailed_results.selected == 0
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Selected iteration")]

@@ -159,51 +159,17 @@ class TRPromptRun:
             program.detailed_results = self._result(tokens)
         return program
 
-    # -- selection: the student is candidate 0 ----------------------------------------------------
+    # -- selection: the student is candidate 0 (loop/selection.py) ------------------------------
     def _select(self) -> int | str:
-        """The candidate ``compile`` returns: the best iteration only if it beats the student on the valset.
+        from trprompt_dspy.loop.selection import select_candidate
 
-        The student as given is candidate 0, scored on the same valset as every iteration
-        (``baseline_score``). An iteration is returned only if its score exceeds the student's by more
-        than ``min_improvement`` (strictly: a tie keeps the student); otherwise ``compile`` returns a copy
-        of the student, so the result is never below the student on the valset. ``min_improvement=None``
-        turns the guard off (the best iteration is returned whatever it scored: for studies of the
-        trained program itself).
-        """
-        best, student = self.best["score"], self.baseline_score
-        if self.best["iteration"] is None:
-            logger.warning("No TRPrompt iteration completed (budget exhausted); returning a copy of the student.")
-            return STUDENT
-        margin = self.settings.min_improvement
-        if margin is None or student is None or best > student + margin:
-            if margin is None and student is not None and best <= student:
-                logger.warning("min_improvement=None: returning iteration %d (%.3f on the valset) although the "
-                               "student scored %.3f.", self.best["iteration"], best, student)
-            else:
-                logger.info("Selected iteration %d: %.3f on %d validation examples vs the student's %.3f%s.",
-                            self.best["iteration"], best, len(self.valset), student or 0.0,
-                            self._discordance(int(self.best["iteration"])))
-            return int(self.best["iteration"])
-        logger.warning(
-            "No iteration beat the student on the valset (best: iteration %d with %.3f vs the student's %.3f on %d "
-            "examples; min_improvement=%g): returning a copy of the student. The trained adapters stay in %s.",
-            self.best["iteration"], best, student, len(self.valset), margin, self.run_dir.root)
-        return STUDENT
-
-    def _discordance(self, k: int) -> str:
-        """``" (F examples better, B worse)"``: iteration ``k`` against the student on the valset, example by example.
-
-        A lead of two examples out of 50 is within noise: in the GSM-Hard study an iteration selected at 14/50
-        vs 12/50 (5 fixed, 3 broken) scored 8 points below zero-shot on 100 dev questions.
-        """
+        k = self.best["iteration"]
         base = self.run_dir.read_json(self.run_dir.root / "baseline.json") or {}
-        val = self.run_dir.read_json(self.run_dir.iter_dir(k) / "val.json") or {}
-        a, b = base.get("scores") or [], val.get("scores") or []
-        if not a or len(a) != len(b):
-            return ""
-        fixed = sum(1 for x, y in zip(a, b, strict=True) if y > x)
-        broken = sum(1 for x, y in zip(a, b, strict=True) if y < x)
-        return f" ({fixed} examples better, {broken} worse)"
+        val = (self.run_dir.read_json(self.run_dir.iter_dir(k) / "val.json") or {}) if k is not None else {}
+        return select_candidate(best_iteration=k, best_score=self.best["score"], student_score=self.baseline_score,
+                                min_improvement=self.settings.min_improvement, val_size=len(self.valset),
+                                log_dir=self.run_dir.root, student_scores=base.get("scores") or (),
+                                iteration_scores=val.get("scores") or ())
 
     def _iteration(self, k: int, program: dspy.Module) -> None:
         from trprompt_dspy.compiled.program import query_aware_predictors
