@@ -140,6 +140,8 @@ _MIN_FIELD_CHARS = 80
 #: How many times a TextGrad step is retried with a report half as long after the engine reports that a
 #: prompt does not fit its context.
 _CONTEXT_RETRIES = 3
+#: A report shorter than this is not cut further: the context is too small for any TextGrad prompt.
+_MIN_REPORT_CHARS = 400
 
 
 def _clip(text: Any, limit: int) -> str:
@@ -358,7 +360,7 @@ def refine_optimal_reward(
                                      constraints=constraints, loss_system_prompt=loss_system_prompt, step=step)
                     break
                 except Exception as exc:
-                    if classify_error(exc) != "context_window" or attempt == _CONTEXT_RETRIES or len(report) < 400:
+                    if classify_error(exc) != "context_window" or attempt == _CONTEXT_RETRIES or len(report) < _MIN_REPORT_CHARS:
                         raise
                     budget = len(report) // 2
                     logger.warning("TextGrad step %d: a prompt did not fit the engine's context (%s); retrying with "
