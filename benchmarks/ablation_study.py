@@ -129,6 +129,11 @@ CELLS: dict[str, dict[str, Any]] = {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0},
                 "prompt_model": "smollm2-135m-instruct"},
         "share": ("trprompt-light-k1-filtered-budget32", SHARE_BASELINE)},
+    # The same with Qwen2.5-Coder-0.5B + LoRA as the separate prompt model (the study's last prompt-model row).
+    "trprompt-light-k1-filtered-qwen0.5b": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0},
+                "prompt_model": "qwen2.5-coder-0.5b-instruct"},
+        "share": ("trprompt-light-k1-filtered-budget32", SHARE_BASELINE)},
 }
 
 #: Plain programs (no instructions): the reference ``zeroshot`` (MathCoT, against which every cell is compared),
@@ -189,6 +194,9 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("trprompt-light-k1-filtered-smollm2", "trprompt-light-k1-filtered",
      "trained prompt model: SmolLM2-135M vs the target's own weights (filtered SFT)"),
     ("writer-qwen0.5b", "writer-untrained", "prompt model: Qwen-0.5B vs the target's own weights (untrained)"),
+    ("trprompt-light-k1-filtered-qwen0.5b", "writer-qwen0.5b", "fine-tuning Qwen-0.5B (filtered SFT)"),
+    ("trprompt-light-k1-filtered-qwen0.5b", "trprompt-light-k1-filtered-smollm2",
+     "trained prompt model: Qwen-0.5B vs SmolLM2-135M (filtered SFT)"),
     ("zeroshot-repeat", "zeroshot", "the same plain program on another CPU (reproducibility of greedy outcomes)"),
     ("zeroshot-plansolve", "zeroshot-repeat", "PlanAndSolve vs MathCoT (plain programs, same CPU)"),
     ("writer-untrained-plansolve", "zeroshot-plansolve", "PlanAndSolve: instructions for both predictors (untrained)"),

@@ -281,6 +281,33 @@ def test_compile_never_returns_a_program_below_the_student_on_the_valset(tmp_pat
     assert float(score.score) / 100 == res.selected_score
 
 
+@pytest.mark.parametrize("level,expected", [
+    (None, 0),          # a lead is enough: the iteration that fixes all 3 validation answers is returned
+    (0.05, "student"),  # 3 better / 0 worse has p = 1/8: not evidence at 5 %
+    (0.2, 0),           # ... but it is at 20 %
+])
+def test_significance_level_asks_the_valset_for_evidence_not_just_a_lead(tmp_path, level, expected):
+    dspy.configure(lm=scripted_lm(instruction_following_responder(MARKER, helps=True), "target"))
+    compiled, _, _ = compile_small(tmp_path, significance_level=level)
+    res = compiled.detailed_results
+    assert res.best_score == 1.0 > res.baseline_score == 0.0  # the same lead in every case
+    assert res.selection_p_value == pytest.approx(0.125)      # recorded whether or not it decides
+    assert res.selected == expected
+    assert isinstance(compiled.cot.predict, QueryAwarePredict) == (expected != "student")
+    assert json.loads(json.dumps(res.to_dict()))["selection_p_value"] == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(significance_level=0), r"must be in \(0, 1\]"),
+    (dict(significance_level=1.5), r"significance_level must be in \[0.0, 1.0\]"),
+    (dict(significance_level="5%"), "significance_level must be a number"),
+    (dict(significance_level=0.05, min_improvement=None), "which min_improvement=None turns off"),
+])
+def test_significance_level_is_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TRPromptOptimizer(metric=numeric_metric, auto="light", **kw)
+
+
 def test_min_improvement_none_returns_the_best_iteration_even_below_the_student(tmp_path):
     dspy.configure(lm=scripted_lm(instruction_following_responder(MARKER, helps=False), "target"))
     compiled, _, _ = compile_small(tmp_path, min_improvement=None)

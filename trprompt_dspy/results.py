@@ -84,6 +84,10 @@ class TRPromptResult:
         selected_score: Validation score of the returned program (never below ``baseline_score`` unless
             ``min_improvement=None``).
         val_size: Validation examples every candidate was scored on.
+        selection_p_value: One-sided exact sign-test p-value that the best iteration beats the student, over the
+            validation examples where the two differ (:func:`~trprompt_dspy.loop.selection.selection_p_value`;
+            ``None`` when no iteration completed). Small means the lead is unlikely to be noise; it decides the
+            selection only with ``significance_level``.
         t_star_history: Every accepted value of the optimal textual reward, oldest first.
         lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
         lm_tokens: Token usage per model name (input and output tokens).
@@ -128,6 +132,7 @@ class TRPromptResult:
     selected: int | str = STUDENT
     selected_score: float | None = None
     val_size: int = 0
+    selection_p_value: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -28,6 +28,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from trprompt_dspy.runtime.paired import mcnemar_exact  # one definition, shared with the loop's selection
+
 __all__ = ["mean_std", "discordant_counts", "mcnemar_exact", "paired_bootstrap", "wilson"]
 
 
@@ -69,30 +71,6 @@ def discordant_counts(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]]) ->
     only_a = sum(1 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True) if bool(x) and not bool(y))
     only_b = sum(1 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True) if bool(y) and not bool(x))
     return only_a, only_b
-
-
-def mcnemar_exact(b: int, c: int) -> dict[str, Any]:
-    """Exact two-sided McNemar test: ``p = min(1, 2 * P[X <= min(b, c)])`` with ``X ~ Binomial(b + c, 1/2)``.
-
-    Args:
-        b: Discordant pairs where only A is correct.
-        c: Discordant pairs where only B is correct.
-
-    Returns:
-        ``{"b": b, "c": c, "p_value": p}`` (``p = 1.0`` when there is no discordant pair).
-
-    Example:
-        >>> round(mcnemar_exact(b=10, c=2)["p_value"], 4)
-        0.0386
-    """
-    for name, v in (("b", b), ("c", c)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int count of discordant pairs; got {v!r}.")
-    n = b + c
-    if n == 0:
-        return {"b": b, "c": c, "p_value": 1.0}
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return {"b": b, "c": c, "p_value": min(1.0, 2.0 * tail)}
 
 
 def paired_bootstrap(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]], *, iterations: int = 10_000,

@@ -77,6 +77,7 @@ class RunSettings:
     track_stats: bool
     display_progress: bool
     textgrad_acceptance: str = TEXTGRAD_ACCEPTANCE[0]
+    significance_level: float | None = None
 
 
 class TRPromptRun:
@@ -100,6 +101,7 @@ class TRPromptRun:
         self.best: dict[str, Any] = {"iteration": None, "score": None, "adapter": None, "t_star": self.t_star}
         self.baseline_score: float | None = None
         self.selected: int | str = STUDENT
+        self.selection_p: float | None = None  # sign-test p of the best iteration vs the student (loop/selection.py)
         self.started = time.perf_counter()
         self.retry = RetryPolicy(max_retries=settings.max_retries, base_delay=settings.retry_backoff,
                                  seed=settings.seed, on_retry=lambda kind, _a, _e: meter.fail(f"retried_{kind}"))
@@ -161,15 +163,17 @@ class TRPromptRun:
 
     # -- selection: the student is candidate 0 (loop/selection.py) ------------------------------
     def _select(self) -> int | str:
-        from trprompt_dspy.loop.selection import select_candidate
+        from trprompt_dspy.loop.selection import select_candidate, selection_p_value
 
         k = self.best["iteration"]
         base = self.run_dir.read_json(self.run_dir.root / "baseline.json") or {}
         val = (self.run_dir.read_json(self.run_dir.iter_dir(k) / "val.json") or {}) if k is not None else {}
+        student_scores, iteration_scores = base.get("scores") or (), val.get("scores") or ()
+        self.selection_p = selection_p_value(student_scores, iteration_scores)
         return select_candidate(best_iteration=k, best_score=self.best["score"], student_score=self.baseline_score,
                                 min_improvement=self.settings.min_improvement, val_size=len(self.valset),
-                                log_dir=self.run_dir.root, student_scores=base.get("scores") or (),
-                                iteration_scores=val.get("scores") or ())
+                                log_dir=self.run_dir.root, student_scores=student_scores,
+                                iteration_scores=iteration_scores, significance_level=self.settings.significance_level)
 
     def _iteration(self, k: int, program: dspy.Module) -> None:
         from trprompt_dspy.compiled.program import query_aware_predictors
@@ -515,7 +519,7 @@ class TRPromptRun:
         return TRPromptResult(
             iterations=tuple(self.stats), best_iteration=self.best["iteration"],
             baseline_score=self.baseline_score, best_score=self.best["score"],
-            selected=self.selected, val_size=len(self.valset),
+            selected=self.selected, val_size=len(self.valset), selection_p_value=self.selection_p,
             selected_score=self.baseline_score if self.selected == STUDENT else self.best["score"],
             t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
             failures=snap["failures"], seed=self.settings.seed, log_dir=str(self.run_dir.root),
