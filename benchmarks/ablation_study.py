@@ -134,6 +134,10 @@ CELLS: dict[str, dict[str, Any]] = {
         "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0},
                 "prompt_model": "qwen2.5-coder-0.5b-instruct"},
         "share": ("trprompt-light-k1-filtered-budget32", SHARE_BASELINE)},
+    # The two-predictor PlanAndSolve program compiled with the filtered recipe (instructions for both predictors).
+    "trprompt-light-k1-filtered-plansolve": {
+        "opt": {**AUTO_BUDGETS["light"], "num_iterations": 1, "sft": {"min_score": 1.0}},
+        "program": "programs.math:PlanAndSolve"},
 }
 
 #: Plain programs (no instructions): the reference ``zeroshot`` (MathCoT, against which every cell is compared),
@@ -203,6 +207,8 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("writer-untrained-plansolve-solve", "zeroshot-plansolve",
      "PlanAndSolve: an instruction for the solve predictor only (untrained)"),
     ("writer-untrained-plansolve-solve", "writer-untrained-plansolve", "PlanAndSolve: one predictor vs both"),
+    ("trprompt-light-k1-filtered-plansolve", "zeroshot-plansolve", "PlanAndSolve compiled (filtered SFT, both predictors)"),
+    ("trprompt-light-k1-filtered-plansolve", "writer-untrained-plansolve", "fine-tuning on PlanAndSolve (filtered SFT)"),
 )
 
 
@@ -388,13 +394,14 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
                                     display_progress=False, **kwargs)
             if spec.get("share"):
                 rec["shared"] = share_steps(runs / spec["share"][0], runs / spec.get("log_dir", name), spec["share"][1])
+            rec["program"] = spec.get("program", program_spec)
             t0 = time.perf_counter()
-            compiled = opt.compile(load_program(spec.get("program", program_spec)), trainset=train)
+            compiled = opt.compile(load_program(rec["program"]), trainset=train)
             rec["compile_wall_s"] = round(time.perf_counter() - t0, 1)
             stats = compiled.detailed_results.to_dict()
             rec["compile"] = {k: stats.get(k) for k in (
                 "selected", "baseline_score", "best_score", "best_iteration", "lm_calls", "lm_tokens", "seconds",
-                "instructions", "t_star_history", "budget", "failures")}
+                "instructions", "t_star_history", "budget", "failures", "selection_p_value")}
             rec["compile"]["iterations"] = [{k: it.get(k) for k in (
                 "iteration", "rollout_score", "val_score", "t_star_accepted", "num_rollouts", "num_sft_examples",
                 "sft_steps", "seconds")} for it in stats["iterations"]]
@@ -530,7 +537,8 @@ def summarize(cells: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[st
         if "compile" in c:
             comp = c["compile"]
             row.update(selected=c.get("guarded_selected"), val_baseline=comp.get("baseline_score"),
-                       val_best=comp.get("best_score"), val_size=c.get("val_size"), lm_calls=comp.get("lm_calls"))
+                       val_best=comp.get("best_score"), val_size=c.get("val_size"), lm_calls=comp.get("lm_calls"),
+                       val_sign_p=comp.get("selection_p_value"))
         table.append(row)
     pairs = [{"cell": a, "against": b, "step": step, **compare(cells[a]["rows"], cells[b]["rows"])}
              for a, b, step in PAIRS if a in cells and b in cells]
@@ -552,16 +560,19 @@ def render(summary: dict[str, Any]) -> str:
              "*vs* names the zero-shot run each cell is compared with: the one on the same CPU model "
              "(greedy outcomes differ across CPUs; see the `zeroshot-repeat` pair).", "",
              "Each compile cell is evaluated with its best iteration (`min_improvement=None`); *guard* is what the "
-             "default no-regression selection returns (the student unless the best iteration beat it on the valset).",
+             "default no-regression selection returns (the student unless the best iteration beat it on the valset); "
+             "*val p* is the one-sided sign-test p of the best iteration against the student on the valset "
+             "(`selection_p_value`; recorded by compiles from 2026-12-02 on).",
              "",
              "| cell | CPU | vs | acc % | 95 % CI | fixed | broken | Δ points | McNemar p | guard | val student → best (n) "
-             "| compile s | eval s | target tok/s | target calls/q | completion tok/q |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| val p | compile s | eval s | target tok/s | target calls/q | completion tok/q |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["table"]:
         val = (f"{r['val_baseline']:.3f} → {r['val_best']:.3f} ({r['val_size']})"
                if r.get("val_baseline") is not None and r.get("val_best") is not None else "-")
         lines.append(f"| {r['cell']} | {r.get('cpu_model')} | {r.get('reference')} | {r.get('accuracy')} | {r.get('ci95')} | {r.get('fixed')} | {r.get('broken')} | "
                      f"{r.get('delta_points')} | {r.get('mcnemar_p')} | {_selected_label(r.get('selected'))} | {val} | "
+                     f"{'-' if r.get('val_sign_p') is None else round(r['val_sign_p'], 3)} | "
                      f"{r.get('compile_wall_s') or '-'} | {r.get('eval_wall_s')} | {r.get('target_tok_per_s')} | "
                      f"{r.get('target_calls_per_q')} | {r.get('target_completion_tokens_per_q')} |")
     styled = [r for r in summary["table"] if r.get("instruction_styles")]

@@ -430,4 +430,4 @@ def test_the_selection_log_counts_the_valset_examples_the_iteration_won_and_lost
         compiled, _, _ = compile_small(tmp_path, num_iterations=1)
     assert compiled.detailed_results.selected == 0
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Selected iteration")]
-    assert line.endswith("vs the student's 0.000 (3 examples better, 0 worse).")
+    assert line.endswith("vs the student's 0.000 (3 examples better, 0 worse); one-sided sign test p = 0.125.")

@@ -97,9 +97,11 @@ def select_candidate(*, best_iteration: int | None, best_score: float | None, st
             logger.warning("min_improvement=None: returning iteration %d (%.3f on the valset) although the "
                            "student scored %.3f.", best_iteration, best_score, student_score)
         else:
-            logger.info("Selected iteration %d: %.3f on %d validation examples vs the student's %.3f%s.",
+            p = selection_p_value(student_scores, iteration_scores)
+            logger.info("Selected iteration %d: %.3f on %d validation examples vs the student's %.3f%s%s.",
                         best_iteration, best_score, val_size, student_score or 0.0,
-                        discordance(student_scores, iteration_scores))
+                        discordance(student_scores, iteration_scores),
+                        "" if p is None else f"; one-sided sign test p = {p:.3g}")
         return int(best_iteration)
     logger.warning(
         "No iteration beat the student on the valset (best: iteration %d with %.3f vs the student's %.3f on %d "
