@@ -86,7 +86,7 @@ class TRPromptResult:
         val_size: Validation examples every candidate was scored on.
         selection_p_value: One-sided exact sign-test p-value that the best iteration beats the student, over the
             validation examples where the two differ (:func:`~trprompt_dspy.loop.selection.selection_p_value`;
-            ``None`` when no iteration completed). Small means the lead is unlikely to be noise; it decides the
+            ``None`` when no iteration completed or the run directory has no per-example scores). Small means the lead is unlikely to be noise; it decides the
             selection only with ``significance_level``.
         t_star_history: Every accepted value of the optimal textual reward, oldest first.
         lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
