@@ -401,7 +401,7 @@ def run_cell(name: str, *, stack: Any, program_spec: str, dev: list[Any], train:
             stats = compiled.detailed_results.to_dict()
             rec["compile"] = {k: stats.get(k) for k in (
                 "selected", "baseline_score", "best_score", "best_iteration", "lm_calls", "lm_tokens", "seconds",
-                "instructions", "t_star_history", "budget", "failures", "selection_p_value")}
+                "instructions", "t_star_history", "budget", "failures", "selection_p_value", "lm_tokens_by_role")}
             rec["compile"]["iterations"] = [{k: it.get(k) for k in (
                 "iteration", "rollout_score", "val_score", "t_star_accepted", "num_rollouts", "num_sft_examples",
                 "sft_steps", "seconds")} for it in stats["iterations"]]

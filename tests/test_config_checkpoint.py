@@ -143,6 +143,29 @@ def test_usage_meter_counts_roles_through_dspy_callbacks():
     assert meter.calls == {"target": 1, "reward": 1}
 
 
+def test_usage_meter_files_tokens_under_the_role_of_each_call_and_survives_a_restore():
+    from tests.fakes import arithmetic_responder, scripted_lm
+
+    target, reward = scripted_lm(arithmetic_responder, "same"), scripted_lm(arithmetic_responder, "same")
+    meter = UsageMeter()
+    meter.assign(reward, "reward")
+    with meter.tracking() as tracker, dspy.context(lm=target, callbacks=[meter.callback("target")]):
+        dspy.Predict("question -> answer")(question="1 + 1")
+        with dspy.context(lm=reward):
+            dspy.Predict("question -> answer")(question="1 + 2 + 3 + 4")
+    # one model name for both: DSPy's tracker has one total, the meter splits it by role
+    (total,) = tracker.get_total_tokens().values()
+    assert set(meter.tokens) == {"target", "reward"}
+    assert meter.tokens["reward"]["prompt_tokens"] > meter.tokens["target"]["prompt_tokens"] > 0
+    assert sum(t["prompt_tokens"] for t in meter.tokens.values()) == total["prompt_tokens"]
+    with meter.tracking() as tracker:  # a call with no role named is kept, as "unattributed"
+        tracker.add_usage("local/same", {"prompt_tokens": 5, "completion_tokens": 1, "is_byok": True})
+    assert meter.tokens["unattributed"] == {"prompt_tokens": 5, "completion_tokens": 1}
+    resumed = UsageMeter()
+    resumed.restore(meter.snapshot())
+    assert resumed.tokens == meter.tokens and resumed.calls == meter.calls
+
+
 def test_validation_messages():
     with pytest.raises(ValueError, match="no input fields set"):
         validate_dataset([dspy.Example(question="q", answer="a")], "trainset")

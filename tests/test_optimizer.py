@@ -128,13 +128,17 @@ def test_multi_predictor_program_gets_instructions_for_every_predictor(tmp_path,
 
 
 def test_resume_reuses_finished_iterations(tmp_path, lm):
-    compile_small(tmp_path)
+    first, _, _ = compile_small(tmp_path)
     calls_before = len(lm.engine.calls)
     pm2 = fake_pm()
     compiled, _, _ = compile_small(tmp_path, pm=pm2)
     # nothing is re-run: only the smoke test (1 call) touches the target again
     assert len(lm.engine.calls) - calls_before <= 1
     assert pm2.train_calls == [] and len(compiled.detailed_results.iterations) == 2
+    # the tokens of the first run are carried over (state.json), and no reward was asked for again
+    before, after = first.detailed_results.lm_tokens_by_role, compiled.detailed_results.lm_tokens_by_role
+    assert after["reward"] == before["reward"] and after["textgrad"] == before["textgrad"]
+    assert after["target"]["prompt_tokens"] >= before["target"]["prompt_tokens"] > 0
 
 
 def test_log_dir_from_a_different_config_is_refused(tmp_path, lm):
@@ -306,6 +310,18 @@ def test_significance_level_asks_the_valset_for_evidence_not_just_a_lead(tmp_pat
 def test_significance_level_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         TRPromptOptimizer(metric=numeric_metric, auto="light", **kw)
+
+
+def test_tokens_are_counted_per_role_and_add_up_to_the_per_model_totals(tmp_path, lm):
+    # one LM object serves target, reward and TextGrad: per model name DSPy sees a single total
+    compiled, _, _ = compile_small(tmp_path)
+    res = compiled.detailed_results
+    by_role, by_model = res.lm_tokens_by_role, res.lm_tokens
+    assert set(by_role) == {"target", "reward", "textgrad"} and len(by_model) == 1
+    for field in ("prompt_tokens", "completion_tokens"):
+        assert all(usage[field] > 0 for usage in by_role.values())
+        assert sum(usage[field] for usage in by_role.values()) == sum(u[field] for u in by_model.values())
+    assert json.loads(json.dumps(res.to_dict()))["lm_tokens_by_role"] == by_role
 
 
 def test_min_improvement_none_returns_the_best_iteration_even_below_the_student(tmp_path):

@@ -91,6 +91,12 @@ class TRPromptResult:
         t_star_history: Every accepted value of the optimal textual reward, oldest first.
         lm_calls: LM calls per role (``target``, ``reward``, ``textgrad``, ``prompt_model``).
         lm_tokens: Token usage per model name (input and output tokens).
+        lm_tokens_by_role: Token usage per role (``target``, ``reward``, ``textgrad``, ``seed_writer``;
+            ``prompt_tokens``, ``completion_tokens``, ``total_tokens``), which ``lm_tokens`` cannot give when
+            one model serves several roles. Only LMs that report usage to DSPy are counted: a prompt model
+            that is not a ``dspy.LM`` (in-process, or a vLLM adapter) appears in ``lm_calls`` only.
+            A resumed compile adds the tokens of its earlier runs (from ``state.json``); ``lm_tokens`` covers
+            this run only.
         failures: Counted failures by kind. ``program_<kind>`` / ``reward_<kind>`` / ``textgrad_<kind>``: operations
             that failed for good (after retries), with ``<kind>`` from :func:`trprompt_dspy.runtime.faults.classify_error`
             (``timeout``, ``server_error``, ``connection``, ``rate_limit``, ``parse_error``, ``empty_completion``,
@@ -133,6 +139,7 @@ class TRPromptResult:
     selected_score: float | None = None
     val_size: int = 0
     selection_p_value: float | None = None
+    lm_tokens_by_role: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

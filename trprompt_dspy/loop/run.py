@@ -116,8 +116,6 @@ class TRPromptRun:
 
     # -- orchestration ---------------------------------------------------------------------------
     def execute(self) -> dspy.Module:
-        from dspy.utils.usage_tracker import track_usage
-
         from trprompt_dspy.compiled.program import install_query_aware
 
         resumed = self.run_dir.prepare()
@@ -130,7 +128,7 @@ class TRPromptRun:
             self.student.deepcopy(), prompt_model=self.pm, optimal_reward=self.t_star,
             predictors=None if self.settings.predictors is None else list(self.settings.predictors),
             generation={"temperature": 0.0, "max_new_tokens": self.settings.max_instruction_tokens})
-        with track_usage() as tracker:
+        with self.meter.tracking() as tracker:  # tokens per model name, and per role into the meter
             try:
                 self._smoke_test()
                 if self.baseline_score is None:
@@ -352,8 +350,9 @@ class TRPromptRun:
             self._record_failures("TextGrad minibatch", res.rollouts)
             return res
 
-        result = refine_optimal_reward(self.t_star, evaluate=evaluate, engine=engine,
-                                       steps=self.budget.textgrad_steps)
+        with self.meter.attribute("textgrad"):  # the engine's own calls; its minibatch runs are "target"
+            result = refine_optimal_reward(self.t_star, evaluate=evaluate, engine=engine,
+                                           steps=self.budget.textgrad_steps)
         self.meter.count("textgrad", getattr(engine, "calls", 0))
         step_failures = []
         for h in result.history:
@@ -522,6 +521,7 @@ class TRPromptRun:
             selected=self.selected, val_size=len(self.valset), selection_p_value=self.selection_p,
             selected_score=self.baseline_score if self.selected == STUDENT else self.best["score"],
             t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
+            lm_tokens_by_role=snap.get("tokens") or {},
             failures=snap["failures"], seed=self.settings.seed, log_dir=str(self.run_dir.root),
             budget=dict(self.budget.__dict__), seconds=time.perf_counter() - self.started,
             instructions=self._instruction_counts(), prompt_model=self._describe_pm(),
