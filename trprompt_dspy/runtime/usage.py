@@ -28,7 +28,7 @@ import contextvars
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from dspy.utils.callback import BaseCallback
@@ -60,10 +60,9 @@ class _RoleCallback(BaseCallback):
         with self._lock:
             role, token = self._roles.pop(call_id, (self.default_role, None))
         if token is not None:
-            try:
+            # ValueError: the call ended in another context than it started in; there is nothing to restore there
+            with suppress(ValueError):
                 _current_role.reset(token)
-            except ValueError:  # ended in another context than it started in: nothing to restore there
-                pass
         if exception is not None:
             self.meter.fail(f"{role}_lm_error")
 
