@@ -109,8 +109,9 @@ class TRPromptOptimizer(Teleprompter):
             is returned only if it also wins a one-sided exact sign test over the validation examples where the
             two differ (p below the level; ``detailed_results.selection_p_value`` records p either way). On 50
             examples a lead of 5 better / 3 worse (p = 0.36) keeps the student and 6 / 0 (p = 0.016) does not.
-            In the GSM-Hard study the three iterations that beat the student on validation (13–14/50 vs 12/50,
-            p = 0.36–0.50) scored 0–8 points below zero-shot on 100 dev questions; ``0.05`` refuses all three.
+            In the GSM-Hard study the four iterations that beat the student on validation by 1–2 examples of 50
+            (p = 0.36–0.50) scored 0–9 points below the uncompiled program on 100 dev questions; ``0.05``
+            refuses all four. With a valset of 4 even a 4 / 0 lead (p = 0.0625) is refused, so raise ``val_size``.
         max_metric_calls: Budget of metric calls (program runs), checked before each iteration; an
             iteration's rollouts are sized to fit what is left, but its TextGrad minibatches and validation
             may exceed the cap by up to ``2 * textgrad_steps * textgrad_batch_size + val_size``.
