@@ -14,11 +14,14 @@ from trprompt_dspy import TRPromptOptimizer
 from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
 from trprompt_dspy.compiled.artifact import load_compiled, save_compiled
 from trprompt_dspy.compiled.program import QueryAwarePredict, query_aware_predictors
+from trprompt_dspy.config import DEFAULT_SIGNIFICANCE_LEVEL
 from trprompt_dspy.runtime.checkpoint import LogDirMismatchError
 from trprompt_dspy.testing import addition_examples
 
+# 3 validation examples: even a 3 / 0 lead has sign-test p = 0.125, so the default significance_level (0.05)
+# would return the student in every test here. These tests are about the loop; the significance tests set a level.
 SMALL = dict(num_iterations=2, queries_per_iteration=3, prompts_per_query=2, textgrad_steps=1,
-             textgrad_batch_size=2, val_size=3)
+             textgrad_batch_size=2, val_size=3, significance_level=None)
 
 
 def numeric_metric(example, pred, trace=None):
@@ -301,11 +304,14 @@ def test_significance_level_asks_the_valset_for_evidence_not_just_a_lead(tmp_pat
     assert json.loads(json.dumps(res.to_dict()))["selection_p_value"] == pytest.approx(0.125)
 
 
+def test_the_default_asks_for_a_significant_lead():
+    assert TRPromptOptimizer(metric=numeric_metric).significance_level == DEFAULT_SIGNIFICANCE_LEVEL == 0.05
+
+
 @pytest.mark.parametrize("kw,match", [
-    (dict(significance_level=0), r"must be in \(0, 1\]"),
+    (dict(significance_level=0), r"would refuse every iteration: pass a level in \(0, 1\]"),
     (dict(significance_level=1.5), r"significance_level must be in \[0.0, 1.0\]"),
     (dict(significance_level="5%"), "significance_level must be a number"),
-    (dict(significance_level=0.05, min_improvement=None), "which min_improvement=None turns off"),
 ])
 def test_significance_level_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -34,6 +34,7 @@ from trprompt_dspy.config import (
     AUTO_BUDGETS,
     DEFAULT_AUTO,
     DEFAULT_SEED,
+    DEFAULT_SIGNIFICANCE_LEVEL,
     TEXTGRAD_ACCEPTANCE,
     Budget,
     LoraSettings,
@@ -104,11 +105,12 @@ class TRPromptOptimizer(Teleprompter):
             more than this (in metric units; ``0.0``: strictly better, a tie keeps the student), and a copy of
             the student otherwise (``detailed_results.selected == "student"``). ``None`` returns the best
             iteration whatever it scored (for studying the trained program).
-        significance_level: Ask the valset for evidence, not just a lead (default ``None``: a lead is enough).
-            With a level such as ``0.05``, an iteration that beats the student by more than ``min_improvement``
-            is returned only if it also wins a one-sided exact sign test over the validation examples where the
-            two differ (p below the level; ``detailed_results.selection_p_value`` records p either way). On 50
-            examples a lead of 5 better / 3 worse (p = 0.36) keeps the student and 6 / 0 (p = 0.016) does not.
+        significance_level: Ask the valset for evidence, not just a lead (default ``0.05``; ``None``: any lead is
+            enough). An iteration that beats the student by more than ``min_improvement`` is returned only if it
+            also wins a one-sided exact sign test over the validation examples where the two differ, with p below
+            this level (``detailed_results.selection_p_value`` records p either way). On 50 examples a lead of
+            5 better / 3 worse (p = 0.36) keeps the student and 6 / 0 (p = 0.016) does not. Ignored when
+            ``min_improvement=None`` (the guard is off).
             In the GSM-Hard study the four iterations that beat the student on validation by 1–2 examples of 50
             (p = 0.36–0.50) scored 0–9 points below the uncompiled program on 100 dev questions; ``0.05``
             refuses all four. With a valset of 4 even a 4 / 0 lead (p = 0.0625) is refused, so raise ``val_size``.
@@ -183,7 +185,7 @@ class TRPromptOptimizer(Teleprompter):
         max_metric_calls: int | None = None,
         # Selection
         min_improvement: float | None = 0.0,
-        significance_level: float | None = None,
+        significance_level: float | None = DEFAULT_SIGNIFICANCE_LEVEL,
         # Prompt-model training
         lora: LoraSettings | dict[str, Any] | None = None,
         sft: SFTSettings | dict[str, Any] | None = None,
@@ -226,11 +228,10 @@ class TRPromptOptimizer(Teleprompter):
         self.min_improvement = None if min_improvement is None else float(min_improvement)
         if significance_level is not None:
             check_number("significance_level", significance_level, low=0.0, high=1.0)
-            if significance_level == 0 or min_improvement is None:
+            if significance_level == 0:
                 raise ValueError(
-                    f"significance_level={significance_level!r} cannot apply: it must be in (0, 1] (e.g. 0.05), and "
-                    "it adds a test to the no-regression guard, which min_improvement=None turns off. Pass "
-                    "significance_level=None, or a level with min_improvement=0.0.")
+                    "significance_level=0 would refuse every iteration: pass a level in (0, 1] (default 0.05), or "
+                    "None to return an iteration on any lead over the student on the valset.")
         self.significance_level = None if significance_level is None else float(significance_level)
         from trprompt_dspy.backends.stack import check_prompt_model_spec
 

@@ -36,7 +36,7 @@ import dspy
 from trprompt_dspy.apps.defaults import DEMO_EVAL_SIZE, DEMO_TRAIN_SIZE
 from trprompt_dspy.apps.programs import DEFAULT_PROGRAM
 from trprompt_dspy.backends.stack import AUTO, DEFAULT_TARGET_MAX_TOKENS, Backend
-from trprompt_dspy.config import DEFAULT_AUTO, DEFAULT_SEED
+from trprompt_dspy.config import DEFAULT_AUTO, DEFAULT_SEED, DEFAULT_SIGNIFICANCE_LEVEL
 from trprompt_dspy.models.presets import DEFAULT_TARGET_MODEL
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def run_demo(*, target: str = DEFAULT_TARGET_MODEL, prompt_model: str = AUTO,
              train_size: int = DEMO_TRAIN_SIZE, eval_size: int = DEMO_EVAL_SIZE, auto: str = DEFAULT_AUTO,
              baseline_only: bool = False, runs_dir: str | Path = "runs", seed: int = DEFAULT_SEED,
              program: str = DEFAULT_PROGRAM, seed_with_target: bool | None = None,
-             cache: bool = False, dtype: str = "auto") -> dict[str, Any]:
+             cache: bool = False, dtype: str = "auto",
+             significance_level: float | None = DEFAULT_SIGNIFICANCE_LEVEL) -> dict[str, Any]:
     """Run the demo and return its results (also written to ``runs/<timestamp>/``).
 
     Args:
@@ -90,6 +91,8 @@ def run_demo(*, target: str = DEFAULT_TARGET_MODEL, prompt_model: str = AUTO,
         dtype: Weight dtype of the served/in-process models; ``"auto"``: bfloat16 where native, else float32.
         cache: Reuse DSPy's on-disk response cache for the target LM. Off by default so that the wall
             times in the report are real (a re-run would otherwise replay the baseline from the cache).
+        significance_level: ``TRPromptOptimizer(significance_level=)``: the sign-test level a trained iteration
+            must pass against the plain program on the held-out validation examples (``None``: any lead).
 
     Raises:
         ValueError: An unknown backend, or ``backend="api"`` without ``api_base``.
@@ -129,7 +132,7 @@ def run_demo(*, target: str = DEFAULT_TARGET_MODEL, prompt_model: str = AUTO,
         results["num_threads"] = stack.num_threads
         try:
             _run_phases(stack, program, train, heldout, auto, seed, seed_with_target, baseline_only, out, results,
-                        timings, load_program)
+                        timings, load_program, significance_level)
         except KeyboardInterrupt:
             interrupted = True
             _quiet_after_interrupt()
@@ -150,7 +153,7 @@ def run_demo(*, target: str = DEFAULT_TARGET_MODEL, prompt_model: str = AUTO,
 
 def _run_phases(stack: Any, program: str, train: list[dspy.Example], heldout: list[dspy.Example], auto: str,
                 seed: int, seed_with_target: bool, baseline_only: bool, out: Path, results: dict[str, Any],
-                timings: dict[str, float], load_program: Any) -> None:
+                timings: dict[str, float], load_program: Any, significance_level: float | None) -> None:
     """Baseline eval, compile, compiled eval (each timed) on a started :class:`~trprompt_dspy.backends.stack.ModelStack`."""
     from trprompt_dspy.backends.prompt_model.base import cap_report, instruction_stats
     from trprompt_dspy.tasks.metrics import gsm8k_feedback_metric, gsm8k_metric
@@ -169,7 +172,8 @@ def _run_phases(stack: Any, program: str, train: list[dspy.Example], heldout: li
         t0 = time.perf_counter()
         opt = TRPromptOptimizer(metric=gsm8k_feedback_metric, auto=auto, num_threads=stack.num_threads,
                                 seed=seed, prompt_model=stack.prompt_model,
-                                seed_lm=stack.target_lm if seed_with_target else None, log_dir=out / "log_dir")
+                                seed_lm=stack.target_lm if seed_with_target else None, log_dir=out / "log_dir",
+                                significance_level=significance_level)
         compiled = opt.compile(load_program(program), trainset=train)
         timings["compile"] = time.perf_counter() - t0
         stats = compiled.detailed_results.to_dict()
