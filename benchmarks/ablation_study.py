@@ -560,9 +560,11 @@ def render(summary: dict[str, Any]) -> str:
              "*vs* names the zero-shot run each cell is compared with: the one on the same CPU model "
              "(greedy outcomes differ across CPUs; see the `zeroshot-repeat` pair).", "",
              "Each compile cell is evaluated with its best iteration (`min_improvement=None`); *guard* is what the "
-             "default no-regression selection returns (the student unless the best iteration beat it on the valset); "
+             "lead-only no-regression rule returns (the student unless the best iteration beat it on the valset; the "
+             "default until 2026-12-02, when `significance_level=0.05` became the default); "
              "*val p* is the one-sided sign-test p of the best iteration against the student on the valset "
-             "(`selection_p_value`; recorded by compiles from 2026-12-02 on).",
+             "(`selection_p_value`; recorded by compiles from 2026-12-02 on). With the current default an iteration "
+             "is returned only when *val p* < 0.05.",
              "",
              "| cell | CPU | vs | acc % | 95 % CI | fixed | broken | Δ points | McNemar p | guard | val student → best (n) "
              "| val p | compile s | eval s | target tok/s | target calls/q | completion tok/q |",
