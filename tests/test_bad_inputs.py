@@ -29,6 +29,7 @@ from trprompt_dspy.compiled.program import install_query_aware
 from trprompt_dspy.loop.metric_adapter import MetricValueError
 from trprompt_dspy.models.presets import UnknownModelError
 from trprompt_dspy.runtime.checkpoint import LogDirMismatchError
+from trprompt_dspy.runtime.validation import InputFieldMismatchError, check_input_fields, program_inputs
 from trprompt_dspy.serving.http import ServerUnreachableError
 from trprompt_dspy.testing import addition_examples
 
@@ -95,6 +96,37 @@ def _raising_metric(example, pred, trace=None):
 class NoPredictors(dspy.Module):
     def forward(self, question):
         return dspy.Prediction(answer=question)
+
+
+class RecallThenAnswer(dspy.Module):
+    """Two predictors; the second consumes the first one's output, so only ``question`` comes from the example."""
+
+    def __init__(self):
+        super().__init__()
+        self.recall = dspy.Predict("question -> context")
+        self.answer = dspy.ChainOfThought("context, question -> answer")
+
+    def forward(self, question):
+        context = self.recall(question=question).context
+        return self.answer(context=context, question=question)
+
+
+class RetrieveThenAnswer(dspy.Module):
+    """Forward takes only ``**kwargs`` and makes ``context`` itself: the predictors' inputs are only a guess."""
+
+    def __init__(self):
+        super().__init__()
+        self.rewrite = dspy.Predict("question -> query")
+        self.answer = dspy.Predict("context, question -> answer")
+
+    def forward(self, **kwargs):
+        query = self.rewrite(**kwargs).query
+        return self.answer(context=f"documents about {query}", **kwargs)
+
+
+def q_examples(n: int = 4) -> list[dspy.Example]:
+    """The issue's trainset: ``q`` where the program is called with ``question``."""
+    return [dspy.Example(q=ex.question, answer=ex.answer).with_inputs("q") for ex in addition_examples(n)]
 
 
 def _mismatch(env: Env, **second) -> None:
@@ -180,6 +212,26 @@ CASES = [
          ValueError, r"trainset\[0\] has no input fields", r"Call .with_inputs"),
     Case("examples without gold labels", lambda e: e.compile(trainset=[dspy.Example(question="q").with_inputs(
         "question")] * 3), ValueError, "no gold label fields", "add e.g. answer="),
+    Case("input field named q, program wants question", lambda e: e.compile(
+        program=dspy.ChainOfThought("question -> answer"), trainset=q_examples()), InputFieldMismatchError,
+         r"trainset\[0\] lacks the input field\(s\) \['question'\].*input keys are \['q'\].*4 of 4",
+         r"Rename 'q' to 'question'.*dspy.Example\(question=..., answer=...\).with_inputs\('question'\)"),
+    Case("input field mismatch, two predictors", lambda e: e.compile(program=RecallThenAnswer(), trainset=q_examples()),
+         InputFieldMismatchError, r"\['question'\].*RecallThenAnswer.forward\(question\).*input keys are \['q'\]",
+         r"with_inputs\('question'\)"),
+    Case("input field mismatch in the valset only", lambda e: e.opt().compile(
+        MathCoT(), trainset=addition_examples(6), valset=q_examples(2)), InputFieldMismatchError,
+         r"valset\[0\] lacks.*\['question'\]", r"with_inputs\('question'\)"),
+    Case("gold label marked as the only input", lambda e: e.compile(trainset=[dspy.Example(
+        q="1 + 2?", question="1 + 2?", answer="3").with_inputs("q")] * 3), InputFieldMismatchError,
+         r"\['question'\].*all keys: \['answer', 'q', 'question'\]", r"call .with_inputs\('question'\)"),
+    Case("input the forward does not take", lambda e: e.compile(trainset=[dspy.Example(
+        question="1 + 2?", id="7", answer="3").with_inputs("question", "id")] * 3), InputFieldMismatchError,
+         r"marks \['id'\] as inputs, but MathCoT.forward\(question\) takes no such argument",
+         r"with_inputs\('question'\)"),
+    Case("guessed inputs, none provided", lambda e: e.compile(program=RetrieveThenAnswer(), trainset=q_examples()),
+         InputFieldMismatchError, r"\['question', 'context'\].*predictors of RetrieveThenAnswer.*input keys are \['q'\]",
+         r"with_inputs\('question', 'context'\).*def forward\(self, question\)"),
     Case("program without predictors", lambda e: e.compile(program=NoPredictors()), ValueError,
          "NoPredictors has no predictors", r"dspy.Predict / ChainOfThought"),
     Case("unknown predictor name", lambda e: e.compile(predictors=["nope"]), ValueError,
@@ -249,6 +301,40 @@ def test_bad_input_gives_a_clear_early_error(case, tmp_path, artifact):
         assert lm.engine.calls == [] and pm.calls == [], f"{case.id}: work started before the check"
     if "log_dir of another" not in case.id:
         assert not any(c.temperature > 0 for c in pm.calls) and pm.train_calls == [], f"{case.id}: rollouts ran"
+
+
+@pytest.mark.parametrize("program", [MathCoT(), PlanAndSolve(), RecallThenAnswer(), dspy.Predict("question -> answer"),
+                                     dspy.ChainOfThought("question -> answer")], ids=lambda p: type(p).__name__)
+def test_valid_programs_pass_the_input_field_check(program, caplog):
+    with caplog.at_level("WARNING"):
+        check_input_fields(program, addition_examples(3), "trainset")
+    assert program_inputs(program).required == ("question",) and not caplog.records
+
+
+def test_guessed_inputs_partly_missing_only_warn(caplog):
+    spec = program_inputs(RetrieveThenAnswer())  # forward(**kwargs) makes `context` itself
+    assert spec.required == ("question", "context") and spec.certain is False
+    with caplog.at_level("WARNING"):
+        check_input_fields(RetrieveThenAnswer(), addition_examples(2), "trainset")
+    assert "['context']" in caplog.text and "fine if forward fills them in itself" in caplog.text
+
+
+def test_optional_and_extra_inputs_are_accepted():
+    examples = [dspy.Example(question="1 + 2?", hint="add", answer="3").with_inputs("question", "hint")]
+    check_input_fields(dspy.ChainOfThought("question, hint: str | None -> answer"), [examples[0].without("hint")
+                                                                                   .with_inputs("question")], "t")
+    check_input_fields(dspy.ChainOfThought("question -> answer"), examples, "trainset")  # **kwargs takes hint
+
+    class WithDefault(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.qa = dspy.Predict("question -> answer")
+
+        def forward(self, question, hint=None):
+            return self.qa(question=question)
+
+    check_input_fields(WithDefault(), examples, "trainset")
+    assert program_inputs(WithDefault()).accepted == ("question", "hint")
 
 
 def test_table_has_at_least_25_cases():

@@ -49,7 +49,7 @@ def _checkpoints(log_dir: Path) -> dict[str, object]:
         rel = str(f.relative_to(log_dir))
         if f.suffix == ".jsonl":
             rows = [json.loads(line) for line in f.read_text().splitlines()]
-            if "partial" in rel:  # appended in completion order: compare as a set of rollouts
+            if "partial" in rel or rel == "student_rollouts.jsonl":  # appended in completion order: a set
                 rows = sorted(rows, key=lambda r: (r["example_index"], r["sample_index"]))
             out[rel] = _strip(rows)
         elif f.parent.name != "adapter":

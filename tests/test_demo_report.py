@@ -65,6 +65,10 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_report(tmp_path, fake_stack):
     assert fake_stack == ["start backend=vllm pm=True", "stop"]  # servers stopped after the run
     out = tmp_path / next(p.name for p in tmp_path.iterdir())
     report = (out / "report.md").read_text()
+    # the report leads with the decision: the trained iteration was returned, and why
+    assert report.startswith("# TRPrompt run report\n\n**Decision:** compile returned iteration ")
+    assert res["decision"][0].startswith("Decision: compile returned iteration ")
+    assert any(line.startswith("Validation set, 2 questions:") for line in res["decision"])
     assert "| zero-shot CoT (baseline) |" in report and "| TRPrompt-compiled |" in report
     assert "Paired:" in report and "McNemar" in report
     for png in ("validation.png", "scores.png", "instruction_length.png"):
@@ -78,6 +82,39 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_report(tmp_path, fake_stack):
     assert all(r["instruction"] for r in saved["compiled_rows"])
     assert "instruction: 'Work through" in report
     assert (out / "compiled" / "trprompt.json").exists()
+    # program runs and their failures, per phase: held-out evaluations in results, the compile's in its stats
+    assert set(saved["errors_by_phase"]) == {"held-out evaluation (baseline)", "held-out evaluation (compiled)"}
+    assert saved["errors_by_phase"]["held-out evaluation (baseline)"]["runs"] == 4
+    assert {"baseline evaluation", "rollouts", "validation"} <= set(saved["compile_stats"]["errors_by_phase"])
+    assert "## Failed program runs" in report
+
+
+def test_demo_that_returns_the_student_says_why_and_shows_what_was_rejected(tmp_path, fake_stack, capsys):
+    # the default significance_level: 2 validation examples can pass no sign test, so the student is returned
+    from trprompt_dspy.apps import cli
+
+    args = cli.build_parser().parse_args(["demo", "--backend", "vllm", "--train-size", "8", "--eval-size", "4",
+                                          "--runs-dir", str(tmp_path), "--auto", "light"])
+    assert cli._cmd_demo(args) == 0
+    out = tmp_path / next(p.name for p in tmp_path.iterdir())
+    report = (out / "report.md").read_text()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["compile_stats"]["selected"] == "student"
+    decision = saved["decision"]
+    assert decision[0].startswith("Decision: compile returned your program unchanged (the student), because the "
+                                  "lead of its best trained iteration")
+    assert "won 2 questions and lost 0 (one-sided sign test p = 0.25; an iteration is returned only if it scores " \
+           "higher and p < 0.05)" in decision[1]
+    assert any("would have written (rejected)" in line for line in decision)
+    assert decision[-1].startswith("What to try next: a larger validation set")
+    assert report.startswith("# TRPrompt run report\n\n**Decision:** compile returned your program unchanged")
+    assert "| TRPrompt-compiled (compile returned your program unchanged) |" in report
+    # no "instruction: None" rows: the rejected iteration's own instructions, labelled as rejected
+    assert "instruction: None" not in report and "Example per-query instructions" not in report
+    assert "instruction (rejected): 'Work through" in report
+    # the console ends with the decision, after the report and its path
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert printed[-len(decision):] == decision
 
 
 def test_demo_baseline_only_skips_the_prompt_model(tmp_path, fake_stack):

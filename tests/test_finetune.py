@@ -12,10 +12,13 @@ from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExam
 from trprompt_dspy.backends.prompt_model.lora_training import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    MIN_EXAMPLES_FOR_LOSS,
     TRAINING_INFO,
     build_sft_records,
+    epoch_mean_losses,
     is_adapter_dir,
     lora_trainer,
+    sft_summary,
     train_lora,
 )
 from trprompt_dspy.config import LoraSettings, SFTSettings
@@ -85,6 +88,44 @@ def test_train_lora_needs_model_and_tokenizer_together(tmp_path):
                    sft=SMALL_SFT, seed=0, model=object())
 
 
+def _history(losses_per_epoch: list[list[float]]) -> list[dict]:
+    """A Trainer log history: one row per step (logging_steps=1), then the end-of-training summary row."""
+    rows = []
+    for e, losses in enumerate(losses_per_epoch):
+        rows += [{"loss": x, "epoch": round(e + (i + 1) / len(losses), 4), "step": len(rows) + 1}
+                 for i, x in enumerate(losses)]
+    return [*rows, {"train_loss": 9.9, "epoch": float(len(losses_per_epoch)), "step": len(rows)}]
+
+
+def test_epoch_means_not_first_and_last_batch():
+    # The issue's case: the last batch is worse than the first, but the epoch means fall.
+    history = _history([[0.8376, 1.4, 1.3, 1.2], [0.9, 0.8, 0.9, 0.8], [0.6, 0.5, 0.7, 1.1646]])
+    assert epoch_mean_losses(history) == pytest.approx([1.1844, 0.85, 0.74115], abs=1e-4)
+    line = sft_summary(22, 12, 41.0, history)
+    assert line.startswith("22 examples, 3 epochs, 12 steps in 41.0 s (3.42 s/step)")
+    assert "mean loss first epoch 1.1844 -> last epoch 0.7411" in line
+    assert "0.8376" not in line and "too few examples for the loss to mean much" in line
+
+
+@pytest.mark.parametrize(
+    ("history", "n", "expected", "absent"),
+    [
+        (_history([[0.9, 0.7]]), MIN_EXAMPLES_FOR_LOSS, "1 epoch, 2 steps", "too few"),
+        (_history([[0.9, 0.7]]), MIN_EXAMPLES_FOR_LOSS, "mean loss 0.8000 (single epoch: nothing to compare", "->"),
+        (_history([[1.0, 0.8], [0.6, 0.4]]), MIN_EXAMPLES_FOR_LOSS, "first epoch 0.9000 -> last epoch 0.5000",
+         "too few"),
+        (_history([[1.0, 0.8], [0.6, 0.4]]), MIN_EXAMPLES_FOR_LOSS - 1, f"< {MIN_EXAMPLES_FOR_LOSS})", "single"),
+        ([{"loss": 1.0, "epoch": 0.5}, {"loss": 0.8, "epoch": 1.0}, {"loss": 0.5, "epoch": 1.25}], 40,
+         "1.25 epochs, 3 steps", "too few"),  # a partial last epoch is its own group
+        ([{"loss": 1.0}, {"loss": 0.5}], 40, "loss n/a", "mean loss"),  # no epoch info: no claim
+        ([], 3, "loss n/a", "too few"),
+    ],
+)
+def test_sft_summary_says_what_the_loss_can_mean(history, n, expected, absent):
+    line = sft_summary(n, sum(1 for h in history if "loss" in h), 4.0, history)
+    assert expected in line and absent not in line
+
+
 # ---------------------------------------------------------------------------- integration (real SmolLM2)
 
 
@@ -148,21 +189,25 @@ def test_labels_mask_every_prompt_token(base):
 
 
 @pytest.mark.integration
-def test_train_lora_trains_fresh_adapter_and_keeps_base(base, tmp_path):
+def test_train_lora_trains_fresh_adapter_and_keeps_base(base, tmp_path, caplog):
     torch = pytest.importorskip("torch")
     safetensors_torch = pytest.importorskip("safetensors.torch")
     folder, model, tok = base
     before = weights_digest(model)
     out = tmp_path / "run" / "adapter"
 
-    result = train_lora(folder, make_examples(8), output_dir=out, lora=LoraSettings(), sft=SMALL_SFT, seed=3,
-                        model=model, tokenizer=tok, base_model_id=PRESET)
+    with caplog.at_level("INFO", logger="trprompt_dspy.backends.prompt_model.lora_training"):
+        result = train_lora(folder, make_examples(8), output_dir=out, lora=LoraSettings(), sft=SMALL_SFT, seed=3,
+                            model=model, tokenizer=tok, base_model_id=PRESET)
 
     assert weights_digest(model) == before, "training must never change the base weights"
     assert not hasattr(model, "peft_config") and not model.training
     assert result.adapter_path == str(out.resolve()) and is_adapter_dir(out)
     assert result.num_examples == 8 and result.steps == 2  # 8 examples / batch 4, 1 epoch
     assert len(result.losses) == 2 and all(math.isfinite(x) and x > 0 for x in result.losses)
+    assert result.epoch_losses == pytest.approx([sum(result.losses) / 2])  # one epoch: the mean of its steps
+    (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA SFT done")]
+    assert "8 examples, 1 epoch, 2 steps" in done and "single epoch" in done and "too few examples" in done
     assert result.seconds > 0
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter"], "no temp folders left behind"
     assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_INFO])

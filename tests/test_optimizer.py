@@ -86,12 +86,39 @@ def test_compile_returns_query_aware_copy_and_stats(tmp_path, lm):
 
 
 def test_textual_rewards_come_from_feedback_and_condition_training(tmp_path, lm):
-    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric)
+    # The paper's recipe: the reward LM's critique alone, no "no instruction" candidate.
+    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric, textual_rewards="critique", abstain=False)
     reward_prompts = [u for s, u in lm.engine.calls if "FEEDBACK-MARKER" in u]
     assert reward_prompts, "the metric's feedback text must reach the reward model"
     examples = pm.train_calls[0][0]
     # SFT examples are conditioned on the rollout's textual reward, not on t*
     assert {e.request.reward for e in examples} == {"The outcome was good: the arithmetic was handled step by step."}
+
+
+def test_default_rewards_are_built_from_the_trace_and_never_contradict_the_metric(tmp_path, lm):
+    from trprompt_dspy.backends.prompt_model.base import NO_INSTRUCTION
+    from trprompt_dspy.loop.trace_reward import contradicts
+
+    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric, num_iterations=1, textgrad_steps=0)
+    examples = pm.train_calls[0][0]
+    assert examples and all(e.request.reward.startswith("Verdict: the outcome was") for e in examples)
+    assert not any(contradicts(e.request.reward, e.score) for e in examples)
+    assert all("FEEDBACK-MARKER" in e.request.reward for e in examples), "the metric's feedback is part of it"
+    # The student's own answers were computed once, kept, and are the "no instruction" candidates.
+    students = (tmp_path / "log" / "student_rollouts.jsonl").read_text().splitlines()
+    abstain = [e for e in examples if e.instruction == NO_INSTRUCTION]
+    assert abstain and len(abstain) <= len(students)
+    assert all("No instruction was added" in e.request.reward for e in abstain)
+    instructed = [e for e in examples if e.instruction != NO_INSTRUCTION]
+    assert instructed and all(any(w in e.request.reward for w in ("fixed", "broke", "kept", "left"))
+                              for e in instructed)
+    # The scripted reward LM calls every outcome good: its critique is kept only where the metric agrees.
+    critique = "The outcome was good: the arithmetic was handled step by step."
+    for e in instructed:
+        assert (critique in e.request.reward) == (e.score >= 1.0)
+    it = compiled.detailed_results.iterations[0]
+    assert sum(it.against_student.values()) == it.num_rollouts
+    assert it.abstention_rate is not None and 0.0 <= it.abstention_rate <= 1.0
 
 
 def test_budget_knobs_reach_their_consumers(tmp_path, lm):
@@ -103,9 +130,9 @@ def test_budget_knobs_reach_their_consumers(tmp_path, lm):
     sampled = [c for c in pm.calls if c.temperature > 0]
     assert sampled and {c.temperature for c in sampled} == {0.7}
     examples, out_dir, seed = pm.train_calls[0]
-    assert seed == 3 and len(examples) == 12
+    assert seed == 3 and len(examples) == 12 + 4  # 4 queries x 3 instructions, and "no instruction" per query
     meta = json.loads((tmp_path / "log" / "iter_000" / "train.json").read_text())
-    assert meta["num_examples"] == 12
+    assert meta["num_examples"] == 16
 
 
 def test_seed_changes_sampled_queries(tmp_path, lm):
@@ -367,7 +394,8 @@ def test_reward_verdict_grounds_the_sft_rewards_and_the_trained_conditioning(tmp
     from trprompt_dspy.loop.textual_reward import CORRECT_VERDICT, with_verdict
     from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD
 
-    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric, reward_verdict=True)
+    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric, reward_verdict=True, textual_rewards="critique",
+                                    abstain=False)
     critique = "The outcome was good: the arithmetic was handled step by step."  # the scripted reward LM's
     examples = pm.train_calls[0][0]
     assert examples and {e.request.reward for e in examples} == {with_verdict(critique, e.score) for e in examples}
@@ -425,7 +453,8 @@ def test_textgrad_acceptance_on_validation_takes_back_a_t_star_that_loses_on_the
     # the instruction holds the marker (so the target answers right) unless Π is conditioned on the candidate
     pm = FakePromptModel(lambda req: "Add the numbers." if "CANDIDATE" in req.reward else
                          "Add the numbers carefully, then state the sum.")
-    compiled, _, _ = compile_small(tmp_path, pm=pm, num_iterations=1, textgrad_acceptance=acceptance)
+    compiled, _, _ = compile_small(tmp_path, pm=pm, num_iterations=1, textgrad_acceptance=acceptance,
+                                   textual_rewards="critique", abstain=False)
     res = compiled.detailed_results
     (it,) = res.iterations
     val = json.loads((tmp_path / "log" / "iter_000" / "val.json").read_text())
@@ -438,7 +467,8 @@ def test_textgrad_acceptance_on_validation_takes_back_a_t_star_that_loses_on_the
         assert it.t_star == bad and it.t_star_accepted and it.val_score == 0.0 and "t_star_candidates" not in val
         assert res.selected == "student"
     # resuming the finished run keeps the decision that validation made
-    again, _, _ = compile_small(tmp_path, pm=pm, num_iterations=1, textgrad_acceptance=acceptance)
+    again, _, _ = compile_small(tmp_path, pm=pm, num_iterations=1, textgrad_acceptance=acceptance,
+                                textual_rewards="critique", abstain=False)
     assert again.detailed_results.iterations[0].t_star == it.t_star
 
 

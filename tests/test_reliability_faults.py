@@ -292,9 +292,26 @@ def test_reward_model_garbage_everywhere_stops_with_a_clear_resumable_error(tmp_
                       num_retries=0)
     pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
     with pytest.raises(ErrorBudgetExceededError, match=r"textual rewards.*parse_error.*same log_dir to resume"):
-        make_optimizer(tmp_path, pm, garbage, None).compile(MathCoT(), trainset=addition_examples(10), valset=addition_examples(4, 50))
+        # With the critique alone as the reward (the paper's recipe) there is nothing to train on without R.
+        make_optimizer(tmp_path, pm, garbage, None, textual_rewards="critique", abstain=False).compile(
+            MathCoT(), trainset=addition_examples(10), valset=addition_examples(4, 50))
     last = json.loads((tmp_path / "log" / "last_error.json").read_text())
     assert last["failures"]["reward_parse_error"] == 12 and "ErrorBudgetExceededError" in last["error"]
+
+
+def test_reward_model_garbage_everywhere_leaves_the_trace_built_rewards(tmp_path):
+    target = faulty_lm(FaultInjector(0.0, 0), "target")
+    dspy.configure(lm=target)
+    garbage = dspy.LM("local/reward", engine=ScriptedEngine(lambda s, u: "no fields here"), cache=False,
+                      num_retries=0)
+    pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
+    compiled = make_optimizer(tmp_path, pm, garbage, None, num_iterations=1).compile(
+        MathCoT(), trainset=addition_examples(10), valset=addition_examples(4, 50))
+    res = compiled.detailed_results
+    assert res.failures["reward_parse_error"] == 12  # every critique failed, counted ...
+    assert res.iterations[0].critiques == {"failed": 12}
+    examples = pm.train_calls[0][0]  # ... and the prompt model still trained, on the trace-built rewards
+    assert examples and all(e.request.reward.startswith("Verdict: the outcome was") for e in examples)
 
 
 def test_server_down_mid_run_stops_with_resumable_checkpoint_then_resume_finishes(tmp_path):

@@ -70,7 +70,9 @@ def _done_before_resume(log_dir: Path) -> int:
     for k in range(2):
         d = log_dir / f"iter_{k:03d}"
         try:
-            done += len(json.loads((d / "rollouts.json").read_text()))
+            # sampled rollouts only: the "no instruction" candidates (sample_index == prompts per query) are
+            # the student's own runs, kept in student_rollouts.jsonl, not sampled
+            done += sum(r["sample_index"] < 2 for r in json.loads((d / "rollouts.json").read_text()))
             continue
         except (OSError, ValueError):
             pass

@@ -60,4 +60,6 @@ def test_sigkill_then_resume_completes(tmp_path, kill_point):
     # finished rollouts were not redone
     assert result["rollouts_run"] <= TOTAL_ROLLOUTS - done_before
     rollouts = json.loads((log_dir / "iter_000" / "rollouts.json").read_text())
-    assert len(rollouts) == 8 and len({(r["example_index"], r["sample_index"]) for r in rollouts}) == 8
+    # 4 queries x 2 sampled instructions, plus each query's "no instruction" candidate (sample_index 2)
+    assert len(rollouts) == 12 and len({(r["example_index"], r["sample_index"]) for r in rollouts}) == 12
+    assert sum(r["sample_index"] < 2 for r in rollouts) == 8

@@ -54,14 +54,27 @@ def require(module: str, *, extra: str) -> ModuleType:
 def import_textgrad() -> ModuleType:
     """Import ``textgrad`` without its import-time side effects.
 
-    ``import textgrad`` creates ``./logs/`` in the current directory and imports litellm, which tries to
-    fetch a cost map over the network. This sets ``TEXTGRAD_LOG_DIR`` to a temporary folder (unless the
-    user set it) and ``LITELLM_LOCAL_MODEL_COST_MAP=True`` before the first import.
+    ``import textgrad`` creates ``./logs/`` in the current directory (a JSON-lines log file per import),
+    sets its logger to INFO, and imports litellm, which tries to fetch a cost map over the network. This
+    sets ``TEXTGRAD_LOG_DIR`` to a temporary folder (unless the user set it) and
+    ``LITELLM_LOCAL_MODEL_COST_MAP=True`` before the first import, and afterwards sets the ``textgrad``
+    logger to WARNING unless the user chose a level
+    (:func:`~trprompt_dspy.runtime.log_noise.quiet_textgrad`; ``logging.getLogger("textgrad").setLevel(logging.INFO)``
+    shows its records again).
 
     Returns:
         The ``textgrad`` module.
     """
+    import logging
+    import sys
+
+    from trprompt_dspy.runtime.log_noise import TEXTGRAD_LOGGER, quiet_textgrad
+
     if "TEXTGRAD_LOG_DIR" not in os.environ:
         os.environ["TEXTGRAD_LOG_DIR"] = os.path.join(tempfile.gettempdir(), "trprompt_dspy_textgrad_logs") + os.sep
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    return require("textgrad", extra="core")
+    fresh = "textgrad" not in sys.modules
+    level_before_import = logging.getLogger(TEXTGRAD_LOGGER).level
+    tg = require("textgrad", extra="core")
+    quiet_textgrad(level_before_import if fresh else None)
+    return tg

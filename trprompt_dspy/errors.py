@@ -7,7 +7,8 @@ Each public error also derives from the builtin it refines (``ValueError`` for b
   :class:`~trprompt_dspy.runtime.checkpoint.LogDirMismatchError`,
   :class:`~trprompt_dspy.loop.metric_adapter.MetricValueError`,
   :class:`~trprompt_dspy.models.provision.GGUFIntegrityError`,
-  :class:`~trprompt_dspy.models.provision.ModelSourceMissingError`;
+  :class:`~trprompt_dspy.models.provision.ModelSourceMissingError`,
+  :class:`~trprompt_dspy.runtime.validation.InputFieldMismatchError`;
 * a compile that stopped — :class:`~trprompt_dspy.runtime.faults.CompileError` and its
   :class:`~trprompt_dspy.runtime.faults.ErrorBudgetExceededError`;
 * a model or server that failed — :class:`~trprompt_dspy.runtime.faults.PromptModelError`,

@@ -36,13 +36,16 @@ from trprompt_dspy.config import (
     DEFAULT_SEED,
     DEFAULT_SIGNIFICANCE_LEVEL,
     TEXTGRAD_ACCEPTANCE,
+    TEXTUAL_REWARDS,
     Budget,
     LoraSettings,
     SFTSettings,
 )
 from trprompt_dspy.runtime.checkpoint import RunDirectory
+from trprompt_dspy.runtime.tracking import CompileTracker, apply_mlflow_autolog_patch
 from trprompt_dspy.runtime.usage import UsageMeter
 from trprompt_dspy.runtime.validation import (
+    check_input_fields,
     check_number,
     check_positive_int,
     check_servers_reachable,
@@ -126,6 +129,21 @@ class TRPromptOptimizer(Teleprompter):
             trained prompt model is conditioned on the correct verdict followed by t*. Use it when the reward LM
             is small: it cannot then mislabel a failure as a success. Off by default (the paper's rewards are
             the critique alone).
+        textual_rewards: Where the textual rewards come from. ``"trace+critique"`` (default): each reward is built
+            from the metric's trace (:mod:`~trprompt_dspy.loop.trace_reward`): the metric's verdict first, which
+            nothing after it can override, then what the instruction changed against the student's own answer
+            to the same query (fixed it, broke it, kept it correct, left it wrong), the metric's feedback text
+            with the gold answer redacted, and the reward LM's critique only where it agrees with the verdict and
+            does not merely restate the query, answer or gold solution. ``"trace"``: no reward-LM calls at all.
+            ``"critique"``: the reward LM's critique alone (the paper's recipe; the 1.5B reward LM called 18 of 22
+            failed GSM-Hard rollouts correct). The student's own answer on each training query is computed
+            once per compile and kept (``student_rollouts.jsonl`` in ``log_dir``).
+        abstain: "No instruction" is a candidate for every training query (its rollout is the student's own
+            answer, scored like the others), so the prompt model can learn to write
+            :data:`~trprompt_dspy.backends.prompt_model.base.NO_INSTRUCTION`; a compiled predictor that receives it
+            runs with its own instructions only, like the uncompiled program (no extra target tokens). Each
+            iteration logs how many instructions fixed and broke the student's answers, and
+            ``detailed_results.iterations[k].abstention_rate`` is the share of validation questions it left alone.
         textgrad_acceptance: How a TextGrad candidate t* is accepted. ``"minibatch"`` (default, the paper):
             it is kept if it scores higher on its TextGrad minibatch, or ties a non-zero score. ``"validation"``:
             a candidate that passed its minibatch is also scored on the valset against the t* it would replace,
@@ -192,6 +210,8 @@ class TRPromptOptimizer(Teleprompter):
         # Algorithm
         initial_reward: str = DEFAULT_INITIAL_REWARD,
         reward_verdict: bool = False,
+        textual_rewards: Literal["trace+critique", "trace", "critique"] = TEXTUAL_REWARDS[0],
+        abstain: bool = True,
         textgrad_acceptance: Literal["minibatch", "validation"] = TEXTGRAD_ACCEPTANCE[0],
         predictors: Sequence[str] | None = None,
         sampling_temperature: float = 0.9,
@@ -254,6 +274,12 @@ class TRPromptOptimizer(Teleprompter):
         if not isinstance(reward_verdict, bool):
             raise TypeError(f"reward_verdict must be True or False; got {reward_verdict!r}.")
         self.reward_verdict = reward_verdict
+        if textual_rewards not in TEXTUAL_REWARDS:
+            raise ValueError(f"textual_rewards must be one of {list(TEXTUAL_REWARDS)}; got {textual_rewards!r}.")
+        self.textual_rewards = textual_rewards
+        if not isinstance(abstain, bool):
+            raise TypeError(f"abstain must be True or False; got {abstain!r}.")
+        self.abstain = abstain
         if textgrad_acceptance not in TEXTGRAD_ACCEPTANCE:
             raise ValueError(f"textgrad_acceptance must be one of {', '.join(map(repr, TEXTGRAD_ACCEPTANCE))}; "
                              f"got {textgrad_acceptance!r}.")
@@ -308,6 +334,11 @@ class TRPromptOptimizer(Teleprompter):
 
         Returns:
             A deep copy of ``student`` whose predictors are :class:`~trprompt_dspy.compiled.program.QueryAwarePredict`.
+
+        Raises:
+            ~trprompt_dspy.runtime.validation.InputFieldMismatchError: Before any model call, when the examples'
+                inputs (``.with_inputs(...)``) are not the names the program is called with, e.g. ``q`` for a
+                ``"question -> answer"`` program.
         """
         from trprompt_dspy.loop.run import TRPromptRun
 
@@ -317,8 +348,10 @@ class TRPromptOptimizer(Teleprompter):
             raise ValueError("TRPromptOptimizer does not use a teacher program; call compile(..., teacher=None).")
         names = validate_program(student)
         validate_dataset(trainset, "trainset")
+        check_input_fields(student, trainset, "trainset")  # else DSPy runs the whole compile on empty queries
         if valset is not None:
             validate_dataset(valset, "valset")
+            check_input_fields(student, valset, "valset")
         if self.predictors is not None:
             unknown = sorted(set(self.predictors) - set(names))
             if unknown:
@@ -348,9 +381,13 @@ class TRPromptOptimizer(Teleprompter):
         meter.assign(reward_lm, "reward")
         meter.assign(textgrad_lm, "textgrad")
         meter.assign(self.seed_lm, "seed_writer")
+        tracker = CompileTracker.start(self, {  # logs into MLflow only under mlflow.dspy.autolog(log_compiles=True)
+            "target_lm": target_lms[0], "reward_lm": reward_lm, "textgrad_lm": textgrad_lm,
+            "prompt_model": prompt_model, "log_dir": run_dir.root, "trainset_size": len(trainset),
+            "valset_size": len(valset)})
         run = TRPromptRun(
             settings=self._run_settings(), student=student, trainset=trainset, valset=valset, prompt_model=prompt_model,
-            reward_lm=reward_lm, textgrad_lm=textgrad_lm, run_dir=run_dir, meter=meter,
+            reward_lm=reward_lm, textgrad_lm=textgrad_lm, run_dir=run_dir, meter=meter, tracker=tracker,
         )
         return run.execute()
 
@@ -367,6 +404,7 @@ class TRPromptOptimizer(Teleprompter):
             seed=self.seed, seed_lm=self.seed_lm, min_improvement=self.min_improvement,
             significance_level=self.significance_level,
             reward_verdict=self.reward_verdict, textgrad_acceptance=self.textgrad_acceptance,
+            rewards=self.textual_rewards, abstain=self.abstain,
             track_stats=self.track_stats, display_progress=self.display_progress)
 
     def _split(self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
@@ -414,17 +452,27 @@ class TRPromptOptimizer(Teleprompter):
             "models": digest([lms, getattr(self.reward_lm, "model", None), getattr(self.textgrad_lm, "model", None),
                               getattr(self.seed_lm, "model", None)]),
             "metric": metric_name(self.metric),
-            "training": digest([self.lora.to_dict(), {k: v for k, v in self.sft.to_dict().items()
-                                                      if k != "balance" or v}]),
+            # Fields added later enter only when they change what the trainer did before them.
+            "training": digest([{k: v for k, v in self.lora.to_dict().items() if k != "top_layers" or v is not None},
+                                {k: v for k, v in self.sft.to_dict().items()
+                                 if (k != "balance" or v) and (k != "group_by_length" or v)}]),
             # Options added later enter the digest only when set, so older run folders still resume.
             "algorithm": digest([self.initial_reward, self.predictors, self.sampling_temperature,
                                  self.max_instruction_tokens, self.failure_score, self.seed_lm is not None]
                                 + ([{"reward_verdict": True}] if self.reward_verdict else [])
                                 + ([{"textgrad_acceptance": self.textgrad_acceptance}]
-                                   if self.textgrad_acceptance != "minibatch" else [])),
+                                   if self.textgrad_acceptance != "minibatch" else [])
+                                # The recipe before 2026-12-07 was ("critique", no abstention).
+                                + ([{"textual_rewards": self.textual_rewards, "abstain": self.abstain}]
+                                   if (self.textual_rewards, self.abstain) != ("critique", False) else [])),
             "prompt_model": str(prompt_model.describe().get("base_model")),
             "seed": self.seed,
         }
 
     def get_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+# mlflow.dspy.autolog() patches only the Teleprompter subclasses that exist when it runs; this package imports
+# lazily, so apply MLflow's compile patch here when autologging was turned on first (no-op without MLflow).
+apply_mlflow_autolog_patch(TRPromptOptimizer)

@@ -35,6 +35,13 @@ class IterationStats:
         redacted_rewards: Textual rewards in which the gold answer was redacted.
         filtered_instructions: Instructions dropped because they stated the answer.
         seconds: Wall time per phase.
+        against_student: What the iteration's sampled instructions did against the student's own answers on the
+            same training queries: ``fixed``, ``broke``, ``kept`` (correct before and after), ``left_wrong``, and
+            ``abstained`` (the prompt model wrote no instruction).
+        abstention_rate: Share of validation questions on which this iteration's program wrote no instruction
+            (so the predictor ran exactly as the student's); ``None`` when not measured.
+        critiques: What happened to the reward LM's critiques (``added``, ``contradicts``, ``restates``,
+            ``failed``) with ``textual_rewards="trace+critique"``.
 
     Example:
         >>> s = IterationStats(iteration=0, rollout_score=0.25, val_score=0.5, t_star="Correct.",
@@ -56,6 +63,9 @@ class IterationStats:
     redacted_rewards: int = 0
     filtered_instructions: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    against_student: dict[str, int] = field(default_factory=dict)
+    abstention_rate: float | None = None
+    critiques: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -104,6 +114,12 @@ class TRPromptResult:
             ``leak``...); ``program_error`` / ``reward_error`` are their totals. ``retried_<kind>``: transient
             failures that were retried. ``prompt_model_empty_instruction`` / ``prompt_model_overlong_instruction``:
             instructions replaced by the base instructions / cut. ``<role>_lm_error``: failed LM calls per role.
+        errors_by_phase: Program runs and their failures per phase of the compile (``"baseline evaluation"``,
+            ``"rollouts"``, ``"student rollouts"``, ``"TextGrad minibatch"``, ``"validation"``), summed over
+            iterations: ``runs``, ``failed``, ``instructed`` (runs with a prompt-model instruction),
+            ``failed_instructed`` and the count of each failure kind (``parse_error``, ``truncated`` (an answer
+            cut at ``max_tokens``), ``timeout``...; see :func:`trprompt_dspy.loop.rollouts.failure_breakdown`).
+            :func:`trprompt_dspy.loop.rollouts.describe_failures` puts one phase in words.
         seed, log_dir, budget: How to reproduce the run.
         seconds: Total wall time of the compile.
         instructions: Instructions the prompt model wrote during the compile and how many hit the token cap
@@ -140,6 +156,7 @@ class TRPromptResult:
     val_size: int = 0
     selection_p_value: float | None = None
     lm_tokens_by_role: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors_by_phase: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

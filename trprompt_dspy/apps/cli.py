@@ -199,6 +199,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = Path(results["report_path"])
     print(report.read_text())
     print(f"Report, plots and results.json: {report.parent}")
+    if results.get("decision"):  # the report opens with it; repeated here so the run ends with what happened
+        print("\n" + "\n".join(results["decision"]))
     return 0
 
 

@@ -10,6 +10,10 @@
 4. Compile it with ``TRPromptOptimizer(auto=...)`` on a GSM8K training subset.
 5. Evaluate the compiled program on the same held-out examples.
 6. Write ``runs/<timestamp>/report.md`` + ``results.json`` + PNG plots, print the table, stop the servers.
+   The report, and the console after it, lead with the compile's decision in plain words
+   (:func:`~trprompt_dspy.apps.decision.decision_summary`, kept as ``results["decision"]``); failed program
+   runs are counted by phase and kind (``results["errors_by_phase"]`` for the held-out evaluations,
+   ``compile_stats["errors_by_phase"]`` for the compile).
 
 The data come from the GSM8K subset bundled with the package (MIT), so the demo needs no download
 beyond the model packages.
@@ -45,24 +49,27 @@ __all__ = ["run_demo"]
 
 
 
-def _evaluate(program: dspy.Module, data: list[dspy.Example], metric: Any, num_threads: int
-              ) -> tuple[float, list[dict[str, Any]]]:
-    """Accuracy (%) and per-question rows, with the library's greedy evaluator.
+def _evaluate(program: dspy.Module, data: list[dspy.Example], metric: Any, num_threads: int, desc: str
+              ) -> tuple[float, list[dict[str, Any]], dict[str, int]]:
+    """Accuracy (%), per-question rows and the failed runs by kind, with the library's greedy evaluator.
+
+    ``desc`` names the evaluation on its progress bar and in its failure line (``"held-out evaluation (baseline)"``).
 
     Not ``dspy.Evaluate``: its straggler logic re-submits the last unfinished examples after 120 s, so an
     example that fails the same way every time (greedy decoding) and takes longer than that is re-submitted
     forever on a slow CPU (seen with Qwen-1.5B on GSM-Hard, 2026-12-01).
     """
-    from trprompt_dspy.loop.rollouts import evaluate_program
+    from trprompt_dspy.loop.rollouts import evaluate_program, failure_breakdown
 
-    result = evaluate_program(program, data, metric=metric, num_threads=num_threads, display_progress=True)
+    result = evaluate_program(program, data, metric=metric, num_threads=num_threads, display_progress=True,
+                              desc=desc)
     rows = []
     for r in result.rollouts:
         ex = data[r.example_index]
         instruction = " | ".join(str(c.get("instruction") or "") for c in r.instructions) or None
         rows.append({"question": ex.question, "gold": ex.answer, "answer": r.outputs.get("answer"),
                      "instruction": instruction, "correct": bool(float(r.score))})
-    return 100.0 * result.score, rows
+    return 100.0 * result.score, rows, failure_breakdown(result.rollouts)
 
 
 def run_demo(*, target: str = DEFAULT_TARGET_MODEL, prompt_model: str = AUTO,
@@ -121,7 +128,8 @@ def run_demo(*, target: str = DEFAULT_TARGET_MODEL, prompt_model: str = AUTO,
                                "prompt_model": stack.prompt_model_base if not baseline_only else None,
                                "single_base": stack.single_base, "cpu": cpu_info(), "seed_with_target": seed_with_target,
                                "backend": backend, "cache": cache, "train_size": len(train), "eval_size": len(heldout), "auto": auto,
-                               "seed": seed, "python": platform.python_version(), "machine": platform.machine(),
+                               "seed": seed, "significance_level": significance_level,
+                               "python": platform.python_version(), "machine": platform.machine(),
                                "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     t0 = time.perf_counter()
@@ -160,9 +168,11 @@ def _run_phases(stack: Any, program: str, train: list[dspy.Example], heldout: li
 
     with dspy.context(lm=stack.target_lm):
         t0 = time.perf_counter()
-        base_acc, base_rows = _evaluate(load_program(program), heldout, gsm8k_metric, stack.num_threads)
+        base_acc, base_rows, base_errors = _evaluate(load_program(program), heldout, gsm8k_metric, stack.num_threads,
+                                                     "held-out evaluation (baseline)")
         timings["baseline_eval"] = time.perf_counter() - t0
-        results.update(baseline_accuracy=base_acc, baseline_rows=base_rows)
+        results.update(baseline_accuracy=base_acc, baseline_rows=base_rows,
+                       errors_by_phase={"held-out evaluation (baseline)": base_errors})
         logger.info("Baseline accuracy: %.1f%% on %d held-out GSM8K dev examples", base_acc, len(heldout))
         if baseline_only:
             return
@@ -182,13 +192,18 @@ def _run_phases(stack: Any, program: str, train: list[dspy.Example], heldout: li
                 timings[f"compile.iter{it['iteration']}.{phase}"] = secs
         before = instruction_stats(stack.prompt_model)
         t0 = time.perf_counter()
-        comp_acc, comp_rows = _evaluate(compiled, heldout, gsm8k_metric, stack.num_threads)
+        comp_acc, comp_rows, comp_errors = _evaluate(compiled, heldout, gsm8k_metric, stack.num_threads,
+                                                     "held-out evaluation (compiled)")
         timings["compiled_eval"] = time.perf_counter() - t0
+        results["errors_by_phase"]["held-out evaluation (compiled)"] = comp_errors
         capped = cap_report(before, instruction_stats(stack.prompt_model), opt.max_instruction_tokens)
         if capped:
             results["compiled_instructions"] = capped
         save_compiled(compiled, out / "compiled")
         results.update(compiled_accuracy=comp_acc, compiled_rows=comp_rows, compile_stats=stats)
+        from trprompt_dspy.apps.decision import decision_summary
+
+        results["decision"] = decision_summary(stats, significance_level=significance_level, target=results["target"])
 
 
 def _quiet_after_interrupt() -> None:

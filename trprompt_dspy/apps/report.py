@@ -3,6 +3,12 @@
 ``trprompt demo`` writes ``runs/<timestamp>/report.md`` with this module; it works on any results
 dictionary of the same shape, so a user's own runs can be reported the same way.
 
+The report leads with the compile's decision (:func:`~trprompt_dspy.apps.decision.decision_summary`: what
+``compile`` returned, the validation counts behind it, what the trained iteration writes, what to try
+next), then the held-out comparison, the failed program runs by phase and kind, timings and the compile's
+iterations. When ``compile`` returned the student, the example instructions are the ones the rejected
+iteration wrote on the validation questions, labelled as such.
+
 The plots (matplotlib, from the ``bench`` extra; skipped with a warning when it is missing):
 
 * ``validation.png``: validation score of the baseline and of every iteration (and the mean score of the
@@ -26,6 +32,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from trprompt_dspy.results import STUDENT
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +191,76 @@ def _fmt_pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}%"
 
 
+def _decision_lines(results: dict[str, Any]) -> list[str]:
+    """The decision summary (``results["decision"]``, else computed from ``compile_stats``) as Markdown."""
+    from trprompt_dspy.apps.decision import decision_summary
+    from trprompt_dspy.config import DEFAULT_SIGNIFICANCE_LEVEL
+
+    stats = results.get("compile_stats")
+    decision = results.get("decision")
+    if decision is None and stats:
+        decision = decision_summary(stats, target=results.get("target"),
+                                    significance_level=results.get("significance_level", DEFAULT_SIGNIFICANCE_LEVEL))
+    out: list[str] = []
+    for line in decision or ():
+        if line.startswith("  - "):
+            out.append(line[2:])
+        else:
+            out += ["", f"**Decision:**{line[len('Decision:'):]}" if line.startswith("Decision:") else line]
+    return out
+
+
+def _failure_lines(results: dict[str, Any]) -> list[str]:
+    """One bullet per phase in which program runs failed (held-out evaluations first, then the compile's phases)."""
+    from trprompt_dspy.loop.rollouts import describe_failures
+
+    phases = {**(results.get("errors_by_phase") or {}),
+              **((results.get("compile_stats") or {}).get("errors_by_phase") or {})}
+    if not phases:
+        return []
+    said = [describe_failures(phase, counts) for phase, counts in phases.items()]
+    said = [f"- {s}" for s in said if s]
+    return ["", "## Failed program runs", ""] + (said or ["No program run failed."])
+
+
+def _example_lines(results: dict[str, Any], max_examples: int) -> list[str]:
+    """Example instructions: the returned iteration's on held-out questions, or the rejected iteration's on
+    validation questions when ``compile`` returned the student (whose rows have no instruction)."""
+    from trprompt_dspy.apps.decision import iteration_examples, load_evidence
+
+    stats = results.get("compile_stats") or {}
+    comp_rows = results.get("compiled_rows") or []
+    if stats and stats.get("selected", STUDENT) == STUDENT:
+        ev = load_evidence(stats)
+        examples = iteration_examples(ev, max_examples)
+        if not examples:
+            return []
+        k = ev.iteration
+        lines = ["", f"## Instructions of the rejected iteration {k} (validation questions)", "",
+                 f"Compile returned your program unchanged, so the held-out runs above had no instruction. This is "
+                 f"what iteration {k} wrote for validation questions (those it won or lost against your program "
+                 "first):", ""]
+        for e in examples:
+            said = repr(e["instruction"]) if e["instruction"].strip() else "none (your program's own prompt)"
+            lines += [f"- **Q:** {e['question'][:220]}", f"  - instruction (rejected): {said}",
+                      f"  - your program: {e['student']}; iteration {k}: {e['iteration']}"]
+        return lines
+    if not comp_rows:
+        return []
+    lines = ["", "## Example per-query instructions (held-out)", ""]
+    for ex in comp_rows[:max_examples]:
+        said = repr(ex["instruction"]) if ex.get("instruction") else "none (the program's own prompt)"
+        lines += [f"- **Q:** {ex['question'][:220]}", f"  - instruction: {said}",
+                  f"  - answer: {ex.get('answer')!r} (gold {ex['gold']}, "
+                  f"{'correct' if ex['correct'] else 'wrong'})"]
+    return lines
+
+
 def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), max_examples: int = 6) -> str:
     """Render the Markdown report of a demo-shaped results dict (see ``trprompt_dspy.apps.demo``)."""
     n = results.get("eval_size")
-    lines = ["# TRPrompt run report", "",
+    stats = results.get("compile_stats")
+    lines = ["# TRPrompt run report", *_decision_lines(results), "",
              f"Program `{results.get('program')}`, target `{results.get('target')}` "
              f"(backend: {results.get('backend', 'n/a')}), prompt model `{results.get('prompt_model', 'n/a')}`"
              f"{' (single-base: a LoRA adapter on the target weights, one server)' if results.get('single_base') else ''}. "
@@ -197,13 +271,17 @@ def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), 
     lines.append(f"| zero-shot CoT (baseline) | {_fmt_pct(results.get('baseline_accuracy'))} | "
                  f"{sum(r['correct'] for r in base_rows)}/{len(base_rows)} |")
     if "compiled_accuracy" in results:
-        lines.append(f"| TRPrompt-compiled | {_fmt_pct(results.get('compiled_accuracy'))} | "
+        label = "TRPrompt-compiled"
+        if stats and stats.get("selected") == STUDENT:
+            label += " (compile returned your program unchanged)"
+        lines.append(f"| {label} | {_fmt_pct(results.get('compiled_accuracy'))} | "
                      f"{sum(r['correct'] for r in comp_rows)}/{len(comp_rows)} |")
     if base_rows and comp_rows:
         pairs = paired_outcomes(base_rows, comp_rows)
         lines += ["", f"Paired: {pairs['fixed']} fixed, {pairs['broken']} broken, {pairs['both_right']} right "
                       f"in both, {pairs['both_wrong']} wrong in both; exact McNemar p = "
                       f"{mcnemar_p(pairs['fixed'], pairs['broken']):.3f}."]
+    lines += _failure_lines(results)
     timings = results.get("timings_s") or {}
     if timings:
         lines += ["", "## Wall time per phase", "", "| phase | seconds |", "| --- | --- |"]
@@ -224,7 +302,6 @@ def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), 
         lines += ["", "Instructions that hit the token cap (end mid-sentence): " + "; ".join(
             f"{label} {c['hit_cap']}/{c['instructions']} ({100 * c['hit_cap_rate']:.1f} %, cap "
             f"{c.get('max_instruction_tokens')} tokens)" for label, c in capped) + "."]
-    stats = results.get("compile_stats")
     if stats:
         lines += ["", "## Compile", "",
                   f"Validation ({stats.get('val_size', '?')} examples): student {stats.get('baseline_score')}, best "
@@ -241,10 +318,5 @@ def render_report(results: dict[str, Any], *, plots: Sequence[str | Path] = (), 
     for p in plots:
         name = Path(p).name
         lines += ["", f"![{Path(p).stem}]({name})"]
-    if comp_rows:
-        lines += ["", "## Example per-query instructions (held-out)", ""]
-        for ex in comp_rows[:max_examples]:
-            lines += [f"- **Q:** {ex['question'][:220]}", f"  - instruction: {ex.get('instruction')!r}",
-                      f"  - answer: {ex.get('answer')!r} (gold {ex['gold']}, "
-                      f"{'correct' if ex['correct'] else 'wrong'})"]
+    lines += _example_lines(results, max_examples)
     return "\n".join(lines) + "\n"

@@ -47,6 +47,7 @@ from trprompt_dspy.backends.prompt_model.base import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
     InstructionRequest,
     PromptModel,
+    is_no_instruction,
 )
 
 __all__ = [
@@ -106,10 +107,20 @@ def render_query(signature: type[dspy.Signature], inputs: Mapping[str, Any]) -> 
 
 
 def clean_instruction(text: str | None, max_chars: int = MAX_INSTRUCTION_CHARS) -> str:
-    """Strip whitespace, a leading ``Instruction:`` label, wrapping quotes; cap at ``max_chars``."""
+    """Strip whitespace, a leading ``Instruction:`` label, wrapping quotes; cap at ``max_chars``.
+
+    The prompt model's abstention (:data:`~trprompt_dspy.backends.prompt_model.base.NO_INSTRUCTION`) becomes
+    ``""``: the predictor then runs with its own instructions only, as the uncompiled program does.
+
+    Example:
+        >>> clean_instruction('Instruction: "Convert units first."'), clean_instruction("(no instruction)")
+        ('Convert units first.', '')
+    """
     text = _LABEL.sub("", (text or "").strip(), count=1).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
         text = text[1:-1].strip()
+    if is_no_instruction(text):
+        return ""
     if len(text) > max_chars:
         cut = text[:max_chars]
         space = cut.rfind(" ")

@@ -12,6 +12,9 @@ One TRPrompt iteration samples training queries and, for each, ``M`` instruction
   rollout with ``error`` set and the failure score; it never aborts the batch.
 * :func:`evaluate_program` is the greedy (temperature 0) version used for validation and TextGrad
   minibatches; it returns an :class:`EvalResult`.
+* Failed runs are counted by kind (:func:`failure_breakdown`) and logged in plain words, once per batch
+  (:func:`describe_failures`): ``"validation: 10 of 50 program runs failed: 7 unparseable answers, 3 answers
+  truncated at max_tokens; 6 of the 10 had a prompt-model instruction (40 of the 50 runs had one)."``
 
 Step 2 turns the rollouts into training data: :mod:`trprompt_dspy.loop.sft_data`.
 
@@ -25,10 +28,12 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,13 +42,15 @@ from typing import Any
 import dspy
 
 from trprompt_dspy.loop.metric_adapter import MetricAdapter, MetricValueError
-from trprompt_dspy.runtime.faults import RetryPolicy, classify_error
+from trprompt_dspy.runtime.faults import RetryPolicy, classify_error, describe_failure_kinds
 from trprompt_dspy.runtime.parallel import derive_seed, parallel_map
 from trprompt_dspy.runtime.records import json_safe
+from trprompt_dspy.runtime.usage import UNATTRIBUTED, current_role
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "EvalResult", "run_rollouts", "evaluate_program"]
+__all__ = ["Rollout", "EvalResult", "run_rollouts", "evaluate_program", "failure_breakdown", "describe_failures",
+           "BREAKDOWN_TOTALS"]
 
 #: Prediction keys that are bookkeeping, not program output.
 _INTERNAL_OUTPUT_KEYS = frozenset({"query_instruction"})
@@ -83,7 +90,8 @@ class Rollout:
         feedback: The metric's feedback text, if any.
         error: Why the program or the metric failed, else ``None``.
         error_kind: :func:`trprompt_dspy.runtime.faults.classify_error` of that failure (``"timeout"``,
-            ``"parse_error"``, ``"metric_error"``...), else ``None``.
+            ``"parse_error"``, ``"metric_error"``...), or ``"truncated"`` for an unparseable or empty answer
+            whose LM reply DSPy reported as cut at ``max_tokens``; else ``None``.
         reward: The textual reward written by the reward model (filled by ``score_rollouts``).
         reward_redactions: Gold-answer mentions removed from ``reward``.
         reward_error: Why writing the textual reward failed, else ``None``.
@@ -157,6 +165,110 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"score": self.score, "scores": list(self.scores), "rollouts": [r.to_dict() for r in self.rollouts]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Failures in plain words
+# --------------------------------------------------------------------------------------------------
+
+#: Keys of a :func:`failure_breakdown` that count program runs; every other key is a failure kind.
+BREAKDOWN_TOTALS = ("runs", "failed", "instructed", "failed_instructed")
+
+
+def _instructed(rollout: Rollout) -> bool:
+    return any(str(c.get("instruction") or "").strip() for c in rollout.instructions)
+
+
+def failure_breakdown(rollouts: Iterable[Rollout]) -> dict[str, int]:
+    """Count a batch's program runs and its failures by kind (JSON-safe, summable across batches).
+
+    Returns:
+        ``runs`` (program runs), ``failed`` (runs with an error), ``instructed`` (runs in which the prompt
+        model wrote a non-empty instruction), ``failed_instructed`` (failed runs that had one) and, per
+        failure kind (:attr:`Rollout.error_kind`), its count.
+
+    Example:
+        >>> ok = Rollout(0, 0, instructions=[{"instruction": "Add."}])
+        >>> bad = Rollout(1, 0, instructions=[{"instruction": ""}], error="x", error_kind="parse_error")
+        >>> failure_breakdown([ok, bad])
+        {'runs': 2, 'failed': 1, 'instructed': 1, 'failed_instructed': 0, 'parse_error': 1}
+    """
+    counts = dict.fromkeys(BREAKDOWN_TOTALS, 0)
+    for r in rollouts:
+        instructed = _instructed(r)
+        counts["runs"] += 1
+        counts["instructed"] += instructed
+        if r.error:
+            counts["failed"] += 1
+            counts["failed_instructed"] += instructed
+            kind = r.error_kind or "other"
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def describe_failures(phase: str, breakdown: Mapping[str, int]) -> str | None:
+    """One sentence on a :func:`failure_breakdown`: how many runs failed, of which kinds, and with instructions.
+
+    The instruction clause appears only when some runs had a prompt-model instruction; compare its two
+    shares to judge whether the instructions cause failures (6 of 10 failures with one, while 40 of 50 runs
+    had one, says they do not).
+
+    Returns:
+        The sentence, or ``None`` when no run failed.
+
+    Example:
+        >>> describe_failures("validation", {"runs": 50, "failed": 10, "instructed": 40, "failed_instructed": 6,
+        ...                                  "parse_error": 7, "truncated": 3})
+        'validation: 10 of 50 program runs failed: 7 unparseable answers, 3 answers truncated at max_tokens; 6 of the 10 had a prompt-model instruction (40 of the 50 runs had one).'
+        >>> describe_failures("baseline evaluation", {"runs": 40, "failed": 1, "timeout": 1})
+        'baseline evaluation: 1 of 40 program runs failed: 1 timed-out call.'
+        >>> describe_failures("validation", {"runs": 50, "failed": 0}) is None
+        True
+    """
+    failed, runs = int(breakdown.get("failed", 0)), int(breakdown.get("runs", 0))
+    if failed <= 0:
+        return None
+    kinds = describe_failure_kinds({k: int(v) for k, v in breakdown.items() if k not in BREAKDOWN_TOTALS})
+    text = f"{phase}: {failed} of {runs} program run{'' if runs == 1 else 's'} failed" + (f": {kinds}" if kinds else "")
+    instructed = int(breakdown.get("instructed", 0))
+    if instructed:
+        text += (f"; {int(breakdown.get('failed_instructed', 0))} of the {failed} had a prompt-model instruction "
+                 f"({instructed} of the {runs} runs had one)")
+    return text + "."
+
+
+# DSPy does not raise on a reply cut at max_tokens: it logs "LM response was truncated ..." on the
+# "dspy.clients.lm" logger (dspy/clients/lm.py, dspy/clients/execution.py) and the cut reply then usually
+# fails to parse. A filter on that logger counts those records per program call (through a context
+# variable set around the call), so such a failure can be reported as truncated rather than unparseable.
+# It is put first among the logger's filters because runtime/log_noise.py drops these records, and it
+# lets every record through. It sees nothing when DSPy's logger is disabled or set above WARNING.
+_CUT_REPLY_LOGGER = "dspy.clients.lm"
+_CUT_REPLY_PREFIX = "LM response was truncated"
+#: Roles whose cut replies are the program's own (not the reward model's or a seed writer's).
+_PROGRAM_ROLES = frozenset({None, "target", UNATTRIBUTED})
+_cut_replies: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("trprompt_cut_replies",
+                                                                                default=None)
+_spy_lock = threading.Lock()
+
+
+class _CutReplyCounter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        box = _cut_replies.get()
+        if box is not None and str(record.msg).startswith(_CUT_REPLY_PREFIX) and current_role() in _PROGRAM_ROLES:
+            box[0] += 1
+        return True
+
+
+_CUT_REPLY_COUNTER = _CutReplyCounter()
+
+
+def _watch_cut_replies() -> None:
+    """Install :class:`_CutReplyCounter` as the first filter of DSPy's LM logger (once per process)."""
+    dspy_logger = logging.getLogger(_CUT_REPLY_LOGGER)
+    with _spy_lock:
+        if _CUT_REPLY_COUNTER not in dspy_logger.filters:
+            dspy_logger.filters.insert(0, _CUT_REPLY_COUNTER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +346,7 @@ def run_rollouts(
     failure_score: float | None = None,
     display_progress: bool = False,
     retry: RetryPolicy | None = None,
+    desc: str = "rollouts",
 ) -> list[Rollout]:
     """Run ``samples_per_query`` rollouts per example, in parallel, and score them.
 
@@ -256,6 +369,9 @@ def run_rollouts(
         display_progress: Show a tqdm progress bar.
         retry: Re-run a rollout whose program call failed transiently (timeout, 5xx, dropped
             connection), with this policy's backoff; the rerun uses the same seed. ``None``: no retries.
+        desc: What this batch is (``"rollouts"``, ``"validation"``, ``"baseline evaluation"``...): the
+            progress bar's label and the start of the log line that breaks the failures down by kind
+            (:func:`describe_failures`).
 
     Returns:
         The new rollouts, sorted by ``(example_index, sample_index)``.
@@ -284,6 +400,7 @@ def run_rollouts(
     names = _predictor_names(program)
     tasks = [(ex_idx, m, ex) for ex_idx, ex in pairs for m in range(samples_per_query) if (ex_idx, m) not in skip_set]
     metric_failures: list[str] = []
+    _watch_cut_replies()
 
     def one(task: tuple[int, int, dspy.Example]) -> Rollout:
         ex_idx, m, example = task
@@ -293,8 +410,10 @@ def run_rollouts(
         while True:
             recorder: list[Any] = []
             pred, error, error_kind, trace = None, None, None, []
+            cut = [0]  # replies of this program call that DSPy reported as cut at max_tokens
             with instruction_context(prompt_model=prompt_model, reward=reward_text, temperature=temperature,
                                      seed=rollout_seed, recorder=recorder), dspy.context(trace=[]):
+                token = _cut_replies.set(cut)
                 try:
                     pred = program(**example.inputs())
                 except Exception as exc:
@@ -303,7 +422,12 @@ def run_rollouts(
                         continue
                     error = f"program raised {type(exc).__name__}: {exc}"
                     error_kind = classify_error(exc)
+                    if cut[0] and error_kind in ("parse_error", "empty_completion"):
+                        error_kind = "truncated"
+                        error = f"{error} (DSPy reported the LM reply as cut at max_tokens)"
                     logger.debug("rollout (%d, %d) failed (%s): %s", ex_idx, m, error_kind, error)
+                finally:
+                    _cut_replies.reset(token)
                 trace = list(dspy.settings.trace or [])
             break
         score, feedback = adapter.failure_score, None
@@ -342,7 +466,7 @@ def run_rollouts(
     if display_progress and tasks:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks), desc="rollouts", leave=False)
+        bar = tqdm(total=len(tasks), desc=desc, leave=False)
 
     def done(_: int, rollout: Rollout) -> None:
         if bar is not None:
@@ -361,9 +485,9 @@ def run_rollouts(
             f"the metric failed on all {n_scored} scored rollouts, which points to a bug in the metric "
             f"(or a field-name mismatch with the program's outputs). First failure: {metric_failures[0]}"
         )
-    n_err = sum(1 for r in rollouts if r.error)
-    if n_err:
-        logger.info("%d of %d rollouts had errors", n_err, len(rollouts))
+    line = describe_failures(desc, failure_breakdown(rollouts))
+    if line:
+        logger.info("%s", line)
     return sorted(rollouts, key=lambda r: r.key)
 
 
@@ -379,11 +503,13 @@ def evaluate_program(
     failure_score: float | None = None,
     display_progress: bool = False,
     retry: RetryPolicy | None = None,
+    desc: str = "evaluation",
 ) -> EvalResult:
     """Greedy evaluation (temperature 0, one rollout per example).
 
     Used to score validation candidates and, with ``reward_text`` set to a candidate t*, each TextGrad
-    minibatch. ``prompt_model=None`` / ``reward_text=None`` keep the program's own defaults.
+    minibatch. ``prompt_model=None`` / ``reward_text=None`` keep the program's own defaults. ``desc`` labels
+    the progress bar and the failure line (``"validation"``, ``"baseline evaluation"``...; see :func:`run_rollouts`).
 
     Returns:
         An :class:`EvalResult` with the mean score, per-example scores and the rollouts.
@@ -396,7 +522,7 @@ def evaluate_program(
     rollouts = run_rollouts(program, examples, prompt_model=prompt_model, reward_text=reward_text,
                             samples_per_query=1, temperature=0.0, seed=0, metric=metric,
                             num_threads=num_threads, indices=indices, failure_score=failure_score,
-                            display_progress=display_progress, retry=retry)
+                            display_progress=display_progress, retry=retry, desc=desc)
     order = {ex_idx: pos for pos, (ex_idx, _) in enumerate(_checked_examples(examples, indices))}
     rollouts.sort(key=lambda r: order[r.example_index])
     scores = [r.score for r in rollouts]

@@ -9,6 +9,7 @@ output in ``log_dir`` and reuses it, so a killed compile resumes where it stoppe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import dspy
 
 from trprompt_dspy.backends.prompt_model.base import PromptModel, SFTExample
-from trprompt_dspy.config import TEXTGRAD_ACCEPTANCE, Budget, LoraSettings, SFTSettings
+from trprompt_dspy.config import TEXTGRAD_ACCEPTANCE, TEXTUAL_REWARDS, Budget, LoraSettings, SFTSettings
 from trprompt_dspy.results import STUDENT, IterationStats, TRPromptResult
 from trprompt_dspy.runtime.checkpoint import RunDirectory
 from trprompt_dspy.runtime.faults import (
@@ -32,6 +33,7 @@ from trprompt_dspy.runtime.faults import (
     RetryPolicy,
     classify_error,
 )
+from trprompt_dspy.runtime.tracking import CompileTracker
 from trprompt_dspy.runtime.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ TEXTGRAD_MAX_TOKENS = 384
 _TEXTGRAD_FAILURES = frozenset({"missing_tags", "engine", "empty_gradient", "evaluation"})
 #: Smoke-test examples tried before a setup error is reported (one bad reply must not stop the compile).
 _SMOKE_TRIES = 3
+#: Failure kinds of a cached student rollout that are worth another try (a later iteration re-runs it).
+_TRANSIENT = frozenset({"timeout", "server_error", "connection", "rate_limit"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class RunSettings:
     display_progress: bool
     textgrad_acceptance: str = TEXTGRAD_ACCEPTANCE[0]
     significance_level: float | None = None
+    rewards: str = TEXTUAL_REWARDS[0]
+    abstain: bool = True
 
 
 class TRPromptRun:
@@ -85,16 +91,19 @@ class TRPromptRun:
 
     def __init__(self, *, settings: RunSettings, student: dspy.Module, trainset: list[dspy.Example],
                  valset: list[dspy.Example], prompt_model: PromptModel, reward_lm: dspy.BaseLM,
-                 textgrad_lm: dspy.BaseLM, run_dir: RunDirectory, meter: UsageMeter) -> None:
+                 textgrad_lm: dspy.BaseLM, run_dir: RunDirectory, meter: UsageMeter,
+                 tracker: CompileTracker | None = None) -> None:
         from trprompt_dspy.loop.metric_adapter import MetricAdapter
 
         self.settings, self.student, self.trainset, self.valset = settings, student, trainset, valset
         self.pm, self.reward_lm, self.textgrad_lm = prompt_model, reward_lm, textgrad_lm
         self.run_dir, self.meter = run_dir, meter
+        self.compile_tracker = tracker or CompileTracker(None)  # MLflow autologging (runtime/tracking.py)
         self.budget = settings.budget
         self.metric = MetricAdapter(settings.metric, failure_score=settings.failure_score)
         self.metric_calls = 0
         self.t_star = settings.initial_reward
+        self._val_abstention: float | None = None
         self._trained = False  # has the prompt model been fine-tuned in this run (see _conditioning)?
         self.t_history: list[str] = [self.t_star]
         self.stats: list[IterationStats] = []
@@ -128,18 +137,23 @@ class TRPromptRun:
             self.student.deepcopy(), prompt_model=self.pm, optimal_reward=self.t_star,
             predictors=None if self.settings.predictors is None else list(self.settings.predictors),
             generation={"temperature": 0.0, "max_new_tokens": self.settings.max_instruction_tokens})
-        with self.meter.tracking() as tracker:  # tokens per model name, and per role into the meter
+        # tokens per model name and per role (the meter); DSPy's truncation warnings: one line per role and phase
+        with self.meter.tracking() as tracker, self._summarize_truncations() as truncations:
             try:
                 self._smoke_test()
                 if self.baseline_score is None:
                     self.baseline_score = self._baseline()
+                truncations.flush("the smoke test and baseline")
+                self.compile_tracker.progress(self.baseline_score, self.stats)
                 for k in range(len(self.stats), self.budget.num_iterations):
                     if self._budget_exhausted():
                         logger.warning("max_metric_calls=%s reached after %d iteration(s); stopping early.",
                                        self.budget.max_metric_calls, k)
                         break
                     self._iteration(k, program)
+                    truncations.flush(f"iteration {k}")
                     self._save_state()
+                    self.compile_tracker.progress(self.baseline_score, self.stats)
             except CompileError as exc:
                 self.run_dir.write_json(self.run_dir.root / "last_error.json", {
                     "error": f"{type(exc).__name__}: {exc}", "completed_iterations": len(self.stats),
@@ -155,8 +169,10 @@ class TRPromptRun:
             program.trprompt_selected = STUDENT  # save_compiled saves it as the student
         else:
             self._finalize(program)
+        result = self._result(tokens)
         if self.settings.track_stats:
-            program.detailed_results = self._result(tokens)
+            program.detailed_results = result
+        self.compile_tracker.finish(program, result)
         return program
 
     # -- selection: the student is candidate 0 (loop/selection.py) ------------------------------
@@ -195,22 +211,27 @@ class TRPromptRun:
             accepted = self.t_star != previous  # False when validation took the candidate back
             for _, p in query_aware_predictors(program):
                 p.optimal_reward = self._conditioning(self.t_star)
+        # The "no instruction" candidates (sample_index == prompts_per_query) are the student's own runs.
+        sampled = [r for r in rollouts if r.sample_index < self.budget.prompts_per_query]
         if self.best["score"] is None or val_score > self.best["score"]:
             self.best = {"iteration": k, "score": val_score, "adapter": train.get("adapter_path"),
                          "t_star": self.t_star}
         self.stats.append(IterationStats(
             iteration=k,
-            rollout_score=sum(r.score for r in rollouts) / len(rollouts),
+            rollout_score=sum(r.score for r in sampled) / max(1, len(sampled)),
             val_score=val_score,
             t_star=self.t_star,
             t_star_accepted=accepted,
-            num_rollouts=len(rollouts),
+            num_rollouts=len(sampled),
             num_sft_examples=len(sft_examples),
             sft_steps=int(train.get("steps", 0)),
             sft_loss=tuple(train.get("losses", ())),
             redacted_rewards=sum(1 for r in rollouts if r.reward_redactions),
             filtered_instructions=n_filtered,
             seconds=seconds,
+            against_student=dict(getattr(self, "_against_student", {})),
+            abstention_rate=self._val_abstention,
+            critiques=dict(getattr(self, "_critiques", {})),
         ))
         logger.info("Iteration %d: rollout score %.3f, validation score %.3f (baseline %.3f), %s",
                     k, self.stats[-1].rollout_score, val_score, self.baseline_score or 0.0,
@@ -229,7 +250,8 @@ class TRPromptRun:
         rng = random.Random(self.settings.seed * 1000 + k)
         n_q = min(self.budget.queries_per_iteration, len(self.trainset))
         n_q = self._cap_by_budget(n_q, per_item=self.budget.prompts_per_query)
-        queries = rng.sample(self.trainset, n_q)
+        picked = rng.sample(range(len(self.trainset)), n_q)  # the same queries as sampling the list itself
+        queries = [self.trainset[i] for i in picked]
         partial = d / "rollouts.partial.jsonl"
         done = {(r["example_index"], r["sample_index"]): Rollout.from_dict(r)
                 for r in self.run_dir.read_jsonl(partial) if not r.get("error")}  # failed ones are retried
@@ -247,7 +269,7 @@ class TRPromptRun:
                 seed=self.settings.seed * 1000 + k, metric=self.metric, num_threads=self.settings.num_threads,
                 failure_score=self.settings.failure_score, display_progress=self.settings.display_progress,
                 on_result=lambda r: self.run_dir.append_jsonl(partial, r.to_dict()), skip=set(done),
-                retry=self.retry,
+                retry=self.retry, indices=picked,
             )
         self.metric_calls += len(fresh)
         if writer is self.gpm:  # a seed LM's calls are counted by the LM callback (role "seed_writer")
@@ -261,6 +283,16 @@ class TRPromptRun:
                 f"Every rollout of iteration {k} failed, e.g.: {first}. Check the target LM, the prompt model and "
                 f"the metric; re-running compile with log_dir={str(self.run_dir.root)!r} retries the failed ones."
             )
+        students = self._student_rollouts(picked)
+        if self.settings.abstain:
+            extra = self._no_instruction_candidates(live, students)
+            live += extra
+            rollouts = sorted([*rollouts, *extra], key=lambda r: r.key)
+        self._log_against_student(k, live, students)
+        if self.settings.rewards != "critique":
+            self._trace_rewards(live, students)
+            self.run_dir.write_json(final, [r.to_dict() for r in rollouts])
+            return rollouts
         with self._role("reward"):
             TextualRewardModel(self.reward_lm).score_rollouts(live, num_threads=self.settings.num_threads,
                                                               retry=self.retry)
@@ -278,6 +310,105 @@ class TRPromptRun:
         self.run_dir.write_json(final, [r.to_dict() for r in rollouts])
         return rollouts
 
+    def _student_rollouts(self, indices: list[int]) -> dict[int, Any]:
+        """The uncompiled student's own answer on each training query, computed once per compile and kept.
+
+        Greedy, like the compiled program at inference; cached in ``student_rollouts.jsonl`` (one line per
+        trainset index, appended as each finishes), so later iterations, resumed runs and cells that share this
+        ``log_dir`` never pay for a query twice. They are the "no instruction" candidates and the reference
+        that a trace-built reward compares each instruction with.
+        """
+        from trprompt_dspy.loop.rollouts import Rollout, run_rollouts
+
+        path = self.run_dir.root / "student_rollouts.jsonl"
+        cache = {r["example_index"]: Rollout.from_dict(r) for r in self.run_dir.read_jsonl(path)
+                 if not r.get("error") or r.get("error_kind") not in _TRANSIENT}
+        todo = sorted(set(indices) - set(cache))
+        if todo:
+            with self._role("target"):
+                fresh = run_rollouts(
+                    self.student.deepcopy(), [self.trainset[i] for i in todo], indices=todo, prompt_model=None,
+                    reward_text=None, temperature=0.0, seed=self.settings.seed, metric=self.metric,
+                    num_threads=self.settings.num_threads, failure_score=self.settings.failure_score,
+                    display_progress=self.settings.display_progress, retry=self.retry, desc="student rollouts",
+                    on_result=lambda r: self.run_dir.append_jsonl(path, r.to_dict()))
+            self.metric_calls += len(fresh)
+            self._record_failures("student rollouts", fresh)
+            cache.update({r.example_index: r for r in fresh})
+        return {i: cache[i] for i in indices if i in cache}
+
+    def _no_instruction_candidates(self, live: list[Any], students: dict[int, Any]) -> list[Any]:
+        """One "no instruction" candidate per query: the student's own rollout, scored like the others.
+
+        It takes ``sample_index = prompts_per_query`` (after the sampled instructions) and, for each prompt-model
+        request of the query's first instructed rollout, an empty instruction, so SFT turns it into
+        (query, its reward) -> :data:`~trprompt_dspy.backends.prompt_model.base.NO_INSTRUCTION`. In a
+        multi-predictor program the requests of later predictors are those of that instructed run.
+        """
+        first: dict[int, Any] = {}
+        for r in live:
+            if r.instructions and r.example_index not in first:
+                first[r.example_index] = r
+        out = []
+        for i, r in sorted(first.items()):
+            s = students.get(i)
+            if s is None or s.error:
+                continue
+            out.append(dataclasses.replace(
+                s, sample_index=self.budget.prompts_per_query, conditioned_on=r.conditioned_on,
+                instructions=[{**c, "instruction": ""} for c in r.instructions]))
+        return out
+
+    def _log_against_student(self, k: int, live: list[Any], students: dict[int, Any]) -> dict[str, int]:
+        """Count, over the instructed rollouts, what the instructions did against the student's own answers."""
+        from trprompt_dspy.loop.trace_reward import outcome_change
+
+        counts = dict.fromkeys(("fixed", "broke", "kept", "left_wrong", "abstained"), 0)
+        for r in live:
+            if r.sample_index >= self.budget.prompts_per_query or r.example_index not in students:
+                continue
+            if not any((c.get("instruction") or "").strip() for c in r.instructions):
+                counts["abstained"] += 1
+                continue
+            counts[outcome_change(r, students[r.example_index])] += 1
+        n = sum(counts.values())
+        logger.info("Iteration %d, %d instructed rollouts against the student's own answers: %d fixed, %d broke, "
+                    "%d kept correct, %d left wrong, %d abstained (no instruction).", k, n, counts["fixed"],
+                    counts["broke"], counts["kept"], counts["left_wrong"], counts["abstained"])
+        self._against_student = counts
+        return counts
+
+    def _trace_rewards(self, live: list[Any], students: dict[int, Any]) -> None:
+        """Trace-built rewards (the floor, no LM); with ``"trace+critique"`` the reward LM's critique is added
+        where it agrees with the verdict and says something new (:mod:`trprompt_dspy.loop.trace_reward`)."""
+        from trprompt_dspy.loop.textual_reward import TextualRewardModel
+        from trprompt_dspy.loop.trace_reward import merge_critique, trace_reward
+
+        for r in live:
+            r.reward, r.reward_error, r.reward_error_kind = trace_reward(r, students.get(r.example_index)), None, None
+        if self.settings.rewards != "trace+critique":
+            return
+        asked = [dataclasses.replace(r) for r in live if r.sample_index < self.budget.prompts_per_query]
+        with self._role("reward"):
+            TextualRewardModel(self.reward_lm).score_rollouts(asked, num_threads=self.settings.num_threads,
+                                                              retry=self.retry)
+        by_key = {r.key: r for r in live}
+        why: dict[str, int] = {}
+        for c in asked:
+            target = by_key[c.key]
+            if c.reward_error:
+                self.meter.fail("reward_error")
+                self.meter.fail(f"reward_{c.reward_error_kind or 'other'}")
+                why["failed"] = why.get("failed", 0) + 1
+                continue
+            target.reward, w = merge_critique(target.reward or "", c.reward, target)
+            target.reward_redactions = c.reward_redactions
+            why[w] = why.get(w, 0) + 1
+        logger.info("Reward LM critiques: %s (a critique is added to the trace-built reward only when it agrees "
+                    "with the metric's verdict and does not just restate the query, answer or gold solution).",
+                    ", ".join(f"{n} {w}" for w, n in sorted(why.items())) or "none")
+        self._critiques = why
+
     # -- step 2: fine-tune the prompt model ------------------------------------------------------
     def _sft_data(self, k: int, rollouts: list[Any], d: Path) -> tuple[list[SFTExample], int]:
         from trprompt_dspy.loop.rollouts import Rollout
@@ -289,7 +420,8 @@ class TRPromptRun:
                 saved = self.run_dir.read_json(self.run_dir.iter_dir(j) / "rollouts.json") or []
                 pool += [Rollout.from_dict(r) for r in saved]
         examples, n_filtered = build_sft_examples(pool, leak_filter=True, min_score=self.settings.sft.min_score,
-                                                  verdict=self.settings.reward_verdict)
+                                                  verdict=self.settings.reward_verdict and self.settings.rewards == "critique",
+                                                  abstain=self.settings.abstain)
         if self.settings.sft.balance:
             from trprompt_dspy.loop.sft_data import balance_outcomes
 
@@ -345,7 +477,8 @@ class TRPromptRun:
             self.metric_calls += len(batch)
             with self._role("target"):
                 res = evaluate_program(program, batch, metric=self.metric, num_threads=self.settings.num_threads,
-                                       reward_text=self._conditioning(t), prompt_model=self.gpm, retry=self.retry)
+                                       reward_text=self._conditioning(t), prompt_model=self.gpm, retry=self.retry,
+                                       desc="TextGrad minibatch")
             self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
             self._record_failures("TextGrad minibatch", res.rollouts)
             return res
@@ -379,13 +512,17 @@ class TRPromptRun:
         goes back to ``previous`` (``val.json`` records both scores under ``"t_star_candidates"``).
         """
         saved = self.run_dir.read_json(d / "val.json")
+        self._val_abstention = None
         if saved is not None:
+            if saved.get("abstained") is not None and saved.get("scores"):
+                self._val_abstention = round(saved["abstained"] / len(saved["scores"]), 4)
             self.metric_calls += sum(len(c.get("scores", [])) for c in saved.get("t_star_candidates", [saved]))
             if saved.get("t_star") and saved["t_star"] != self.t_star:
                 self._take_back(saved["t_star"])
             return float(saved["score"])
         res = self._score_valset(program, self.t_star, "validation")
-        record: dict[str, Any] = {"score": res.score, "scores": res.scores, "t_star": self.t_star}
+        record: dict[str, Any] = {"score": res.score, "scores": res.scores, "t_star": self.t_star,
+                                  "abstained": _abstained(res.rollouts), "instructions": _instructions(res.rollouts)}
         if self.settings.textgrad_acceptance == "validation" and previous is not None and previous != self.t_star:
             old = self._score_valset(program, previous, "validation (t* before TextGrad)")
             keep = res.score > old.score
@@ -397,8 +534,13 @@ class TRPromptRun:
                 self._take_back(previous)
                 res = old
             record = {"score": res.score, "scores": res.scores, "t_star": self.t_star,
-                      "t_star_candidates": candidates}
+                      "t_star_candidates": candidates, "abstained": _abstained(res.rollouts),
+                      "instructions": _instructions(res.rollouts)}
         self.run_dir.write_json(d / "val.json", record)
+        self._val_abstention = round(record["abstained"] / max(1, len(res.rollouts)), 4)
+        if record["abstained"]:
+            logger.info("Iteration %d wrote no instruction for %d of %d validation questions (abstention rate %.2f).",
+                        k, record["abstained"], len(res.rollouts), self._val_abstention)
         return float(res.score)
 
     def _score_valset(self, program: dspy.Module, t_star: str, phase: str) -> Any:
@@ -407,7 +549,8 @@ class TRPromptRun:
         self.metric_calls += len(self.valset)
         with self._role("target"):
             res = evaluate_program(program, self.valset, metric=self.metric, num_threads=self.settings.num_threads,
-                                   reward_text=self._conditioning(t_star), prompt_model=self.gpm, retry=self.retry)
+                                   reward_text=self._conditioning(t_star), prompt_model=self.gpm, retry=self.retry,
+                                   desc=phase, display_progress=self.settings.display_progress)
         self.meter.count("prompt_model", sum(len(r.instructions) for r in res.rollouts))
         self._record_failures(phase, res.rollouts)
         return res
@@ -427,9 +570,12 @@ class TRPromptRun:
         self.metric_calls += len(self.valset)
         with self._role("target"):
             res = evaluate_program(self.student.deepcopy(), self.valset, metric=self.metric,
-                                   num_threads=self.settings.num_threads, retry=self.retry)
-        self._record_failures("baseline", res.rollouts)
-        self.run_dir.write_json(self.run_dir.root / "baseline.json", {"score": res.score, "scores": res.scores})
+                                   num_threads=self.settings.num_threads, retry=self.retry,
+                                   desc="baseline evaluation", display_progress=self.settings.display_progress)
+        self._record_failures("baseline evaluation", res.rollouts)
+        # "inputs": the valset's questions in order, so a report can show what each candidate did on them
+        self.run_dir.write_json(self.run_dir.root / "baseline.json", {
+            "score": res.score, "scores": res.scores, "inputs": [r.inputs for r in res.rollouts]})
         logger.info("Baseline (uncompiled student) validation score: %.3f on %d examples.",
                     res.score, len(self.valset))
         return float(res.score)
@@ -484,14 +630,17 @@ class TRPromptRun:
         (:data:`~trprompt_dspy.loop.textual_reward.CORRECT_VERDICT`), the form its training rewards had. TextGrad
         refines ``t`` only, so it cannot drop the verdict. The untrained model (iteration 0) sees ``t`` alone.
         """
-        if self.settings.reward_verdict and self._trained:
+        if (self.settings.reward_verdict or self.settings.rewards != "critique") and self._trained:
             from trprompt_dspy.loop.textual_reward import CORRECT_VERDICT
 
             return f"{CORRECT_VERDICT} {t}"
         return t
 
     def _record_failures(self, phase: str, rollouts: list[Any]) -> None:
-        """Count failed program runs by kind and charge them to the error budget."""
+        """Count failed program runs by kind (overall and per phase) and charge them to the error budget."""
+        from trprompt_dspy.loop.rollouts import failure_breakdown
+
+        self.meter.add_phase(phase, failure_breakdown(rollouts))
         kinds = [r.error_kind or "other" for r in rollouts if r.error]
         for kind in kinds:
             self.meter.fail("program_error")
@@ -521,7 +670,7 @@ class TRPromptRun:
             selected=self.selected, val_size=len(self.valset), selection_p_value=self.selection_p,
             selected_score=self.baseline_score if self.selected == STUDENT else self.best["score"],
             t_star_history=tuple(self.t_history), lm_calls=snap["calls"], lm_tokens=tokens,
-            lm_tokens_by_role=snap.get("tokens") or {},
+            lm_tokens_by_role=snap.get("tokens") or {}, errors_by_phase=snap.get("errors_by_phase") or {},
             failures=snap["failures"], seed=self.settings.seed, log_dir=str(self.run_dir.root),
             budget=dict(self.budget.__dict__), seconds=time.perf_counter() - self.started,
             instructions=self._instruction_counts(), prompt_model=self._describe_pm(),
@@ -585,10 +734,31 @@ class TRPromptRun:
             return n_queries
         return max(1, min(n_queries, (cap - self.metric_calls) // max(1, per_item)))
 
+    def _summarize_truncations(self) -> Any:
+        """Count DSPy's "LM response was truncated" warnings per role; one line per phase (``runtime/log_noise.py``)."""
+        from trprompt_dspy.runtime.log_noise import role_limits, summarize_truncations
+
+        limits = role_limits(target_lms=[p.lm or dspy.settings.lm for _, p in self.student.named_predictors()],
+                             reward_lm=self.reward_lm, textgrad_max_tokens=TEXTGRAD_MAX_TOKENS,
+                             seed_lm=self.settings.seed_lm, instruction_tokens=self.settings.max_instruction_tokens)
+        return summarize_truncations(limits, calls=lambda: self.meter.snapshot()["calls"])
+
     @contextmanager
     def _role(self, role: str) -> Iterator[None]:
         with dspy.context(callbacks=[*dspy.settings.callbacks, self.meter.callback(role)]):
             yield
+
+
+def _instructions(rollouts: list[Any]) -> list[str]:
+    """What the program wrote for each validation example, in valset order (``" | "`` joins several predictors;
+    ``""``: no instruction), so a report can show what an iteration that was not selected would have written."""
+    return [" | ".join(str(c.get("instruction") or "") for c in r.instructions) for r in rollouts]
+
+
+def _abstained(rollouts: list[Any]) -> int:
+    """Program runs in which every prompt-model call wrote no instruction (the student's prompt, unchanged)."""
+    return sum(1 for r in rollouts if r.instructions and not any((c.get("instruction") or "").strip()
+                                                                 for c in r.instructions))
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import random
 import re
 from collections.abc import Iterable
 
-from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExample
+from trprompt_dspy.backends.prompt_model.base import NO_INSTRUCTION, InstructionRequest, SFTExample
 from trprompt_dspy.loop.answer_leaks import instruction_leaks_answer, redact_answer_leaks
 from trprompt_dspy.loop.rollouts import Rollout
 from trprompt_dspy.loop.textual_reward import with_verdict
@@ -83,7 +83,7 @@ def complete_sentences(instruction: str) -> str:
 
 def build_sft_examples(
     rollouts: Iterable[Rollout], *, leak_filter: bool = True, min_score: float | None = None,
-    verdict: bool = False,
+    verdict: bool = False, abstain: bool = False,
 ) -> tuple[SFTBatch, int]:
     """Turn scored, rewarded rollouts into prompt-model SFT examples.
 
@@ -101,6 +101,10 @@ def build_sft_examples(
         verdict: Start each reward with the metric's verdict on its rollout
             (:func:`~trprompt_dspy.loop.textual_reward.with_verdict`), so the training data never contradicts
             the metric about whether the outcome was good.
+        abstain: An empty instruction (the prompt model abstained, or the "no instruction" candidate, whose
+            rollout is the student's own answer) becomes an example whose completion is
+            :data:`~trprompt_dspy.backends.prompt_model.base.NO_INSTRUCTION`, so the prompt model learns
+            when adding nothing is best; without it empty instructions are skipped.
 
     Returns:
         ``(examples, num_leaky)``: an :class:`SFTBatch` (a list of ``SFTExample`` whose counters say what
@@ -127,6 +131,8 @@ def build_sft_examples(
             reward = with_verdict(reward, r.score)
         for call in r.instructions:
             instruction = complete_sentences(str(call.get("instruction") or "").strip())
+            if not instruction and abstain:
+                instruction = NO_INSTRUCTION
             if not instruction:
                 batch.num_empty += 1
                 continue

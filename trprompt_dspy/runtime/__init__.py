@@ -1,1 +1,1 @@
-"""Infrastructure under the loop: checkpoints, atomic writes, file locks, fault handling, usage, parallelism, input checks."""
+"""Infrastructure under the loop: checkpoints, atomic writes, file locks, fault handling, usage, parallelism, input checks, MLflow tracking."""

@@ -56,6 +56,8 @@ __all__ = [
     "PromptModelError",
     "TRANSIENT_KINDS",
     "classify_error",
+    "describe_failure_kinds",
+    "FAILURE_WORDS",
     "is_transient",
     "RetryPolicy",
     "ErrorBudget",
@@ -201,6 +203,47 @@ def classify_error(exc: BaseException) -> str:
             return kind
         current = current.__cause__ or current.__context__
     return "other"
+
+
+#: How each failure kind of a program run reads in a log line or a report, as ``(one, several)``: the one place
+#: the words come from. Besides :func:`classify_error`'s kinds there is ``truncated``, which
+#: :func:`~trprompt_dspy.loop.rollouts.run_rollouts` gives to an unparseable (or empty) answer when DSPy
+#: reported the LM reply behind it as cut at ``max_tokens``.
+FAILURE_WORDS: dict[str, tuple[str, str]] = {
+    "parse_error": ("unparseable answer", "unparseable answers"),
+    "truncated": ("answer truncated at max_tokens", "answers truncated at max_tokens"),
+    "empty_completion": ("empty answer", "empty answers"),
+    "timeout": ("timed-out call", "timed-out calls"),
+    "server_error": ("failed call (server error)", "failed calls (server errors)"),
+    "connection": ("failed call (connection)", "failed calls (connection)"),
+    "rate_limit": ("rate-limited call", "rate-limited calls"),
+    "context_window": ("prompt too long for the context window", "prompts too long for the context window"),
+    "auth": ("call refused for credentials", "calls refused for credentials"),
+    "bad_request": ("request the server rejected", "requests the server rejected"),
+    "metric_error": ("metric failure", "metric failures"),
+    "prompt_model_error": ("prompt-model failure", "prompt-model failures"),
+    "error_budget": ("stop by the error budget", "stops by the error budget"),
+    "other": ("program exception", "program exceptions"),
+}
+
+
+def describe_failure_kinds(counts: Mapping[str, int]) -> str:
+    """Failures by kind in plain words, most frequent first: ``"7 unparseable answers, 3 timed-out calls"``.
+
+    Kinds without an entry in :data:`FAILURE_WORDS` are named as they are; zero counts are left out.
+
+    Example:
+        >>> describe_failure_kinds({"timeout": 1, "parse_error": 7, "truncated": 3, "odd_kind": 2})
+        '7 unparseable answers, 3 answers truncated at max_tokens, 2 odd_kind, 1 timed-out call'
+        >>> describe_failure_kinds({})
+        ''
+    """
+    parts = []
+    for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if n > 0:
+            one, several = FAILURE_WORDS.get(kind, (kind, kind))
+            parts.append(f"{n} {one if n == 1 else several}")
+    return ", ".join(parts)
 
 
 def is_transient(exc: BaseException) -> bool:

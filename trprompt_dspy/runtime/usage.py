@@ -34,13 +34,22 @@ from typing import Any
 from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import UsageTracker
 
-__all__ = ["UNATTRIBUTED", "UsageMeter"]
+__all__ = ["UNATTRIBUTED", "UsageMeter", "current_role"]
 
 #: The role of token usage recorded while no role was named (neither by the callback nor by ``attribute``).
 UNATTRIBUTED = "unattributed"
 #: Token counts summed per role (other usage fields, e.g. nested details, are left to DSPy's tracker).
 _TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _current_role: contextvars.ContextVar[str | None] = contextvars.ContextVar("trprompt_lm_role", default=None)
+
+
+def current_role() -> str | None:
+    """The role of the LM call running in this context (thread or task), or ``None`` outside any role.
+
+    Set by :meth:`UsageMeter.callback` while a DSPy LM call runs and by :meth:`UsageMeter.attribute`;
+    code that runs inside the call (DSPy's own logging, for instance) can read it to know whose call it is.
+    """
+    return _current_role.get()
 
 
 class _RoleCallback(BaseCallback):
@@ -86,6 +95,7 @@ class UsageMeter:
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.tokens: dict[str, dict[str, int]] = {}
+        self.phases: dict[str, Counter[str]] = {}
         self.roles: dict[int, str] = {}
         self._shared: set[int] = set()
         self._lock = threading.Lock()
@@ -115,6 +125,19 @@ class UsageMeter:
     def fail(self, kind: str, n: int = 1) -> None:
         with self._lock:
             self.failures[kind] += n
+
+    def add_phase(self, phase: str, counts: dict[str, int]) -> None:
+        """Add a batch's counts (e.g. :func:`~trprompt_dspy.loop.rollouts.failure_breakdown`) to ``phase``'s totals.
+
+        Example:
+            >>> meter = UsageMeter()
+            >>> meter.add_phase("validation", {"runs": 50, "failed": 2, "timeout": 2})
+            >>> meter.add_phase("validation", {"runs": 50, "failed": 0})
+            >>> meter.snapshot()["errors_by_phase"]
+            {'validation': {'runs': 100, 'failed': 2, 'timeout': 2}}
+        """
+        with self._lock:
+            self.phases.setdefault(phase, Counter()).update({k: int(v) for k, v in counts.items()})
 
     def add_tokens(self, role: str, usage: dict[str, Any]) -> None:
         """Add one call's token usage (``prompt_tokens``, ``completion_tokens``, ``total_tokens``) to ``role``."""
@@ -157,7 +180,8 @@ class UsageMeter:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"calls": dict(self.calls), "failures": dict(self.failures),
-                    "tokens": {role: dict(t) for role, t in self.tokens.items()}}
+                    "tokens": {role: dict(t) for role, t in self.tokens.items()},
+                    "errors_by_phase": {phase: dict(c) for phase, c in self.phases.items()}}
 
     def restore(self, snap: dict[str, Any] | None) -> None:
         """Continue counting from a checkpointed snapshot (resume)."""
@@ -167,3 +191,5 @@ class UsageMeter:
                 self.failures.update(snap.get("failures", {}))
             for role, usage in (snap.get("tokens") or {}).items():
                 self.add_tokens(role, usage)
+            for phase, counts in (snap.get("errors_by_phase") or {}).items():  # absent before 2026-12
+                self.add_phase(phase, counts)

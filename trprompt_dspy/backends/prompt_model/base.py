@@ -31,6 +31,8 @@ __all__ = [
     "TrainResult",
     "PromptModel",
     "SYSTEM_PROMPT",
+    "NO_INSTRUCTION",
+    "is_no_instruction",
     "DEFAULT_MAX_INSTRUCTION_TOKENS",
     "INSTRUCTION_STOP",
     "build_messages",
@@ -51,11 +53,28 @@ DEFAULT_MAX_INSTRUCTION_TOKENS = 48
 #: held-out instructions hit the 48-token cap mid-sentence (demo, 2026-12-01).
 INSTRUCTION_STOP: tuple[str, ...] = ("\n\n",)
 
+#: What the prompt model writes to add nothing: the predictor then runs with its own instructions only, exactly
+#: as the uncompiled program does (no extra target tokens). "No instruction" is a candidate for every training
+#: query (the student's own answer is its rollout), so the prompt model can learn when to abstain.
+NO_INSTRUCTION = "(no instruction)"
+
 SYSTEM_PROMPT = (
     "You write instructions for another language model. Given a task, one query and a description of "
     "the ideal outcome, write one or two short sentences (under 40 words) telling the model how to handle "
-    "this specific query. Do not solve the query, do no arithmetic and never state its final answer."
+    "this specific query. Do not solve the query, do no arithmetic and never state its final answer. "
+    f"If the model does best on this query without extra guidance, write exactly {NO_INSTRUCTION}"
 )
+
+
+def is_no_instruction(text: str | None) -> bool:
+    """Whether ``text`` is the prompt model's abstention (:data:`NO_INSTRUCTION`, case and punctuation aside).
+
+    Example:
+        >>> is_no_instruction("(No instruction)."), is_no_instruction("no instruction"), is_no_instruction("Add.")
+        (True, True, False)
+    """
+    core = "".join(ch for ch in (text or "").lower() if ch.isalnum() or ch == " ").strip()
+    return core == "no instruction"
 
 
 @dataclass(frozen=True)
@@ -108,16 +127,23 @@ class SFTExample:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one fine-tuning run produced."""
+    """What one fine-tuning run produced.
+
+    ``losses`` holds one loss per logging step (one batch each by default), so ``losses[0]`` and
+    ``final_loss`` compare different batches and on a small dataset are mostly noise; ``epoch_losses``
+    (mean loss per epoch, ``[]`` when the backend does not report epochs) is the number to compare.
+    """
 
     adapter_path: str
     num_examples: int
     steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    epoch_losses: list[float] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float | None:
+        """The last logged (single-batch) loss; kept for older readers of ``train.json``."""
         return self.losses[-1] if self.losses else None
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -57,6 +58,9 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "TRAINING_INFO",
     "build_sft_records",
+    "epoch_mean_losses",
+    "sft_summary",
+    "MIN_EXAMPLES_FOR_LOSS",
     "lora_trainer",
     "train_lora",
     "bf16_supported",
@@ -69,6 +73,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: JSON written next to the adapter: the TrainResult, settings, seed and base model id.
 TRAINING_INFO = "trprompt_training.json"
+#: Below this many training examples the SFT loss says little: an epoch is a handful of batches (8 at the
+#: default batch of 4), so its mean moves with dropout and with which examples share a batch, and a falling
+#: loss mostly shows the adapter memorizing a few instructions. The summary line says so next to the numbers.
+MIN_EXAMPLES_FOR_LOSS = 32
 
 
 def build_sft_records(examples: Sequence[SFTExample]) -> list[dict[str, Any]]:
@@ -98,6 +106,62 @@ def build_sft_records(examples: Sequence[SFTExample]) -> list[dict[str, Any]]:
         rows.append({"prompt": build_messages(ex.request),
                      "completion": [{"role": "assistant", "content": ex.instruction}]})
     return rows
+
+
+def epoch_mean_losses(log_history: Sequence[dict[str, Any]]) -> list[float]:
+    """Mean training loss of each epoch, in order, from a ``Trainer``'s ``state.log_history``.
+
+    Each logged ``loss`` (one per ``logging_steps``; one per step by default) counts toward the epoch its
+    ``epoch`` value falls in: ``(0, 1]`` is the first, ``(1, 2]`` the second, and so on; a partial last epoch
+    (``num_train_epochs=2.5``) is a group of its own. Unlike the first and last single-batch losses, the first
+    and last epoch means cover the same examples, so they can be compared. Returns ``[]`` when the entries
+    carry no ``epoch``.
+
+    Example:
+        >>> history = [{"loss": 1.0, "epoch": 0.5}, {"loss": 0.8, "epoch": 1.0}, {"loss": 0.9, "epoch": 1.5},
+        ...            {"loss": 0.5, "epoch": 2.0}, {"train_loss": 0.8, "epoch": 2.0}]
+        >>> [round(x, 4) for x in epoch_mean_losses(history)]
+        [0.9, 0.7]
+    """
+    by_epoch: dict[int, list[float]] = {}
+    for entry in log_history:
+        if "loss" not in entry:
+            continue  # the final summary row carries train_loss, evaluation rows eval_loss
+        if entry.get("epoch") is None:
+            return []
+        index = max(1, math.ceil(float(entry["epoch"]) - 1e-6))  # epoch 1.0 closes the first epoch
+        by_epoch.setdefault(index, []).append(float(entry["loss"]))
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
+def sft_summary(num_examples: int, steps: int, seconds: float, log_history: Sequence[dict[str, Any]]) -> str:
+    """The "LoRA SFT done" line without the adapter path: size, time and the mean loss of the first and last epoch.
+
+    The first and last *batch* losses compare different examples and on a small dataset read as noise (or
+    as "training made it worse"); epoch means do not. With fewer than :data:`MIN_EXAMPLES_FOR_LOSS` examples,
+    or a single epoch, the line says why the number means little.
+
+    Example:
+        >>> history = [{"loss": 1.2, "epoch": 0.5}, {"loss": 0.7, "epoch": 1.0}, {"loss": 0.6, "epoch": 1.5},
+        ...            {"loss": 0.4, "epoch": 2.0}]
+        >>> sft_summary(22, 4, 41.0, history)
+        '22 examples, 2 epochs, 4 steps in 41.0 s (10.25 s/step); mean loss first epoch 0.9500 -> last epoch 0.5000 (too few examples for the loss to mean much: 22 < 32)'
+        >>> sft_summary(64, 16, 8.0, [{"loss": 0.9, "epoch": 0.5}, {"loss": 0.7, "epoch": 1.0}])
+        '64 examples, 1 epoch, 16 steps in 8.0 s (0.50 s/step); mean loss 0.8000 (single epoch: nothing to compare it with)'
+    """
+    means = epoch_mean_losses(log_history)
+    epochs = max((float(h["epoch"]) for h in log_history if h.get("epoch") is not None), default=0.0)
+    parts = [f"{num_examples} examples, {epochs:.3g} epoch{'' if epochs == 1 else 's'}, {steps} steps in "
+             f"{seconds:.1f} s ({seconds / max(1, steps):.2f} s/step)"]
+    if not means:
+        parts.append("; loss n/a")
+    elif len(means) == 1:
+        parts.append(f"; mean loss {means[0]:.4f} (single epoch: nothing to compare it with)")
+    else:
+        parts.append(f"; mean loss first epoch {means[0]:.4f} -> last epoch {means[-1]:.4f}")
+    if means and num_examples < MIN_EXAMPLES_FOR_LOSS:
+        parts.append(f" (too few examples for the loss to mean much: {num_examples} < {MIN_EXAMPLES_FOR_LOSS})")
+    return "".join(parts)
 
 
 def bf16_supported(device: str = "cpu") -> bool:
@@ -197,6 +261,42 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     return p.resolve()
 
 
+def _layer_index(name: str) -> int | None:
+    """The transformer layer a parameter belongs to (``model.layers.12.self_attn...`` -> 12), else ``None``."""
+    head, sep, tail = name.partition(".layers.")
+    if not sep:
+        return None
+    first = tail.split(".", 1)[0]
+    return int(first) if first.isdigit() else None
+
+
+def freeze_lower_layers(peft_model: Any, top_layers: int) -> int:
+    """Leave only the LoRA weights of the top ``top_layers`` layers trainable; return how many tensors were frozen.
+
+    The frozen LoRA weights keep their initialization (B = 0: no effect), and autograd no longer needs anything
+    below the lowest trainable layer, so the backward pass stops there.
+
+    Raises:
+        ValueError: The model has no numbered ``.layers.`` or fewer layers than ``top_layers``.
+    """
+    layers = {_layer_index(n) for n, _ in peft_model.named_parameters()} - {None}
+    if not layers:
+        raise ValueError("LoraSettings.top_layers needs a model whose layers are named '...layers.<i>...'.")
+    n_layers = max(layers) + 1
+    if top_layers > n_layers:
+        raise ValueError(f"LoraSettings.top_layers={top_layers} but the model has {n_layers} layers.")
+    low = n_layers - top_layers
+    frozen = 0
+    for name, param in peft_model.named_parameters():
+        idx = _layer_index(name)
+        if "lora_" in name and idx is not None and idx < low and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += 1
+    logger.info("LoRA trains the top %d of %d layers (%d adapter tensors below stay at zero).", top_layers,
+                n_layers, frozen)
+    return frozen
+
+
 def _checkpointing(model: Any) -> bool:
     if hasattr(model, "is_activation_checkpointing"):  # transformers >= 5 name
         return bool(model.is_activation_checkpointing)
@@ -276,6 +376,8 @@ def lora_trainer(model: Any, tokenizer: Any, examples: Sequence[SFTExample], *, 
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = peft.get_peft_model(model, lora.to_peft())
+        if lora.top_layers is not None:
+            freeze_lower_layers(peft_model, lora.top_layers)
         args = sft.to_trl(output_dir=str(work), seed=seed, use_cpu=use_cpu,
                           bf16_supported=bf16_supported("cuda" if not use_cpu else "cpu"))
         with _quiet_progress_bars():
@@ -419,7 +521,7 @@ def train_lora(
         _finish_adapter_folder(staging, base_model_id)
         losses = [float(h["loss"]) for h in history if "loss" in h]
         result = TrainResult(adapter_path=str(out), num_examples=num_kept, steps=steps, losses=losses,
-                             seconds=round(time.perf_counter() - t0, 3))
+                             seconds=round(time.perf_counter() - t0, 3), epoch_losses=epoch_mean_losses(history))
         info = {"result": result.to_dict(), "base_model": base_model_id, "seed": seed, "lora": lora.to_dict(),
                 "sft": sft.to_dict(), "train_seconds": round(train_seconds, 3),
                 "seconds_per_step": round(train_seconds / max(1, steps), 3), "log_history": history}
@@ -428,9 +530,7 @@ def train_lora(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("LoRA SFT done: %d examples, %d steps in %.1f s (%.2f s/step), loss %s -> %s; adapter at %s",
-                result.num_examples, result.steps, train_seconds, train_seconds / max(1, steps),
-                f"{losses[0]:.4f}" if losses else "n/a", f"{losses[-1]:.4f}" if losses else "n/a", out)
+    logger.info("LoRA SFT done: %s; adapter at %s", sft_summary(num_kept, steps, train_seconds, history), out)
     return result
 
 

@@ -1,0 +1,549 @@
+"""TRPrompt at the paper's data scale: one rollout pool, prompt models trained on nested subsets, a learning curve.
+
+Issue 24. Stages, each resumable from files under ``--runs`` (re-run the same command after a kill):
+
+* ``pool`` — for each of the first ``--pool`` queries of a fixed ``Random(0)`` order of the GSM-Hard train
+  pool: the **student's own answer** (the plain program, greedy; the "no instruction" candidate) and one
+  instruction sampled from the **untrained** single-base prompt model (t*_0, the optimizer's default sampling
+  temperature) with the target's answer to it. Appended to ``pool.jsonl`` as each query finishes, in chunks
+  of ``--chunk`` queries (student and instructed rollouts of a chunk together), with the chunk's wall time and
+  target tokens in ``pool_timing.jsonl`` (rollouts/hour).
+* ``rewards`` — the textual rewards of every candidate: the trace-built reward
+  (:mod:`trprompt_dspy.loop.trace_reward`, no LM) for all of them, and the reward LM's critique (the
+  current recipe) for the first ``--lm-rewards`` instructed rollouts; contradiction and restatement rates of
+  both on the same rollouts.
+* ``train`` — one LoRA SFT pass over the pool's SFT examples in a fixed order, saving the adapter after the
+  first n queries for each n of ``--sizes`` (nested subsets; the same examples, the same order, one epoch).
+* ``eval`` — zero-shot and each adapter on the first ``--n`` fixed GSM-Hard **dev** questions (never test).
+* ``report`` — ``benchmarks/results/<out>.{json,md,png}``.
+
+    python -m benchmarks.scale_study pool --pool 512
+    python -m benchmarks.scale_study rewards --lm-rewards 64
+    python -m benchmarks.scale_study train --sizes 64 128 256 512
+    python -m benchmarks.scale_study eval --n 100
+    python -m benchmarks.scale_study report --out scale-gsmhard-qwen1.5b-<date>
+
+Run it alone on the machine: wall times and throughput are part of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+logger = logging.getLogger("benchmarks.scale_study")
+RESULTS = REPO / "benchmarks" / "results"
+PROGRAM = "programs.math:MathCoT"
+DATASET = "gsmhard"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def pool_queries(n: int) -> list[Any]:
+    """The first ``n`` train-pool questions in a fixed Random(0) order (``idx`` is the dataset index)."""
+    from trprompt_dspy.tasks.datasets import load_fixed_split
+
+    pool = load_fixed_split(DATASET, "train")
+    order = list(range(len(pool)))
+    random.Random(0).shuffle(order)
+    return [pool[i].with_inputs("question") for i in order[:n]]
+
+
+def _usage_since(lm: Any, seen: int) -> dict[str, int]:
+    usage = [entry.get("usage") or {} for entry in lm.history[seen:]]
+    return {"calls": len(usage), "prompt_tokens": sum(int(u.get("prompt_tokens") or 0) for u in usage),
+            "completion_tokens": sum(int(u.get("completion_tokens") or 0) for u in usage)}
+
+
+def stage_pool(args: argparse.Namespace, stack: Any) -> None:
+    import dspy
+
+    from trprompt_dspy.apps.programs import load_program
+    from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.compiled.program import install_query_aware
+    from trprompt_dspy.loop.metric_adapter import MetricAdapter
+    from trprompt_dspy.loop.rollouts import run_rollouts
+    from trprompt_dspy.models.dtype import cpu_info
+    from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD
+    from trprompt_dspy.tasks.metrics import get_metric
+
+    runs = Path(args.runs)
+    pool_path, timing_path = runs / "pool.jsonl", runs / "pool_timing.jsonl"
+    done = {(r["kind"], r["example_index"]) for r in read_jsonl(pool_path)}
+    queries = pool_queries(args.pool)
+    metric = MetricAdapter(get_metric(DATASET, feedback=True))
+    lm = stack.target_lm
+    pm = stack.prompt_model
+    pm.load_adapter(None)
+    student = load_program(PROGRAM)
+    program = install_query_aware(load_program(PROGRAM), prompt_model=pm, optimal_reward=DEFAULT_INITIAL_REWARD,
+                                  generation={"temperature": 0.0, "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS})
+    cpu = cpu_info()
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(kind: str, todo: list[int]) -> tuple[str, list[Any], float]:
+        prog, writer, temp = (student, None, 0.0) if kind == "student" else (program, pm, args.temperature)
+        t0 = time.perf_counter()
+        with dspy.context(lm=lm):
+            out = run_rollouts(prog, [queries[i] for i in todo], indices=todo, prompt_model=writer,
+                               reward_text=DEFAULT_INITIAL_REWARD if writer else None, samples_per_query=1,
+                               temperature=temp, seed=args.seed, metric=metric, num_threads=args.threads,
+                               on_result=lambda r: save(kind, r))
+        return kind, out, time.perf_counter() - t0
+
+    def save(kind: str, r: Any) -> None:
+        rec = r.to_dict()
+        rec["kind"] = kind
+        rec["idx"] = queries[r.example_index].get("idx")
+        append_jsonl(pool_path, rec)
+
+    # The student's and the instructed rollouts of a chunk run side by side (2 x --threads requests in flight), so
+    # the server's batch stays full; a killed run resumes with the queries whose rollouts are missing.
+    for start in range(0, len(queries), args.chunk):
+        idx = list(range(start, min(start + args.chunk, len(queries))))
+        jobs = {kind: [i for i in idx if (kind, i) not in done] for kind in ("student", "instructed")}
+        jobs = {k: v for k, v in jobs.items() if v}
+        if not jobs:
+            continue
+        seen, t0 = len(lm.history), time.perf_counter()
+        with ThreadPoolExecutor(max_workers=2) as ex:
+            results = list(ex.map(lambda kv: run(*kv), jobs.items()))
+        wall = time.perf_counter() - t0
+        n = sum(len(out) for _, out, _ in results)
+        for kind, out, _ in results:
+            done.update((kind, r.example_index) for r in out)
+        append_jsonl(timing_path, {"queries": [idx[0], idx[-1]], "rollouts": n, "wall_s": round(wall, 1),
+                                   **_usage_since(lm, seen), "cpu": cpu["model"], "concurrency": 2 * args.threads,
+                                   "max_tokens": args.max_tokens,
+                                   "accuracy": {k: round(sum(r.score for r in out) / len(out), 3)
+                                                for k, out, _ in results}})
+        logger.info("pool %d-%d: %d rollouts in %.0f s (%.0f rollouts/h); accuracy %s", idx[0], idx[-1], n, wall,
+                    3600 * n / wall, {k: round(sum(r.score for r in out) / len(out), 3) for k, out, _ in results})
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+def load_pool(runs: Path) -> dict[int, dict[str, Any]]:
+    """``{example_index: {"student": Rollout, "instructed": Rollout}}`` for the queries with both candidates."""
+    from trprompt_dspy.loop.rollouts import Rollout
+
+    by: dict[int, dict[str, Any]] = {}
+    for rec in read_jsonl(runs / "pool.jsonl"):
+        kind = rec.pop("kind")
+        rec.pop("idx", None)
+        by.setdefault(rec["example_index"], {})[kind] = Rollout.from_dict(rec)
+    return {i: c for i, c in sorted(by.items()) if len(c) == 2}
+
+
+def stage_rewards(args: argparse.Namespace, stack: Any) -> None:
+    """Trace-built rewards for every candidate; the reward LM's critique for the first ``--lm-rewards``."""
+    from trprompt_dspy.loop.textual_reward import TextualRewardModel
+    from trprompt_dspy.loop.trace_reward import trace_reward
+
+    runs = Path(args.runs)
+    pool = load_pool(runs)
+    path = runs / "lm_rewards.jsonl"
+    have = {r["example_index"] for r in read_jsonl(path)}
+    todo = [i for i in list(pool)[: args.lm_rewards] if i not in have]
+    if todo:
+        rollouts = [pool[i]["instructed"] for i in todo]
+        t0 = time.perf_counter()
+        seen = len(stack.target_lm.history)
+        TextualRewardModel(stack.target_lm).score_rollouts(rollouts, num_threads=stack.num_threads)
+        wall = time.perf_counter() - t0
+        for r in rollouts:
+            append_jsonl(path, {"example_index": r.example_index, "reward": r.reward, "error": r.reward_error})
+        logger.info("reward LM: %d critiques in %.0f s (%s)", len(rollouts), wall, _usage_since(stack.target_lm, seen))
+    with (runs / "trace_rewards.jsonl").open("w") as fh:
+        for i, c in pool.items():
+            for kind in ("student", "instructed"):
+                fh.write(json.dumps({"example_index": i, "kind": kind,
+                                     "reward": trace_reward(c[kind], c["student"])}) + "\n")
+
+
+def reward_rates(runs: Path) -> dict[str, Any]:
+    """Contradiction and restatement rates before (the reward LM alone) and after (trace-built + filtered critique)."""
+    from trprompt_dspy.loop.trace_reward import contradicts, is_restatement, merge_critique, trace_reward
+
+    pool = load_pool(runs)
+    lm = {r["example_index"]: r for r in read_jsonl(runs / "lm_rewards.jsonl") if r.get("reward")}
+    before = {"n": 0, "contradictions": 0, "restatements": 0}
+    after = {"n": 0, "contradictions": 0, "restatements": 0, "critiques_added": 0, "critiques_dropped": {}}
+    for i, rec in lm.items():
+        r, student = pool[i]["instructed"], pool[i]["student"]
+        before["n"] += 1
+        before["contradictions"] += contradicts(rec["reward"], r.score)
+        before["restatements"] += is_restatement(rec["reward"], r)
+        merged, why = merge_critique(trace_reward(r, student), rec["reward"], r)
+        after["n"] += 1
+        after["contradictions"] += contradicts(merged, r.score)
+        after["restatements"] += is_restatement(merged, r)
+        if why == "added":
+            after["critiques_added"] += 1
+        else:
+            after["critiques_dropped"][why] = after["critiques_dropped"].get(why, 0) + 1
+    for d in (before, after):
+        d["contradiction_rate"] = round(d["contradictions"] / d["n"], 3) if d["n"] else None
+        d["restatement_rate"] = round(d["restatements"] / d["n"], 3) if d["n"] else None
+    return {"before": before, "after": after}
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+#: What the trained prompt model is conditioned on at inference under the trace recipe (the outcome it should
+#: produce): the metric's verdict of a correct outcome.
+def trace_t_star() -> str:
+    from trprompt_dspy.loop.textual_reward import CORRECT_VERDICT
+
+    return CORRECT_VERDICT
+
+
+def sft_examples(pool: dict[int, dict[str, Any]], recipe: str) -> list[tuple[int, Any]]:
+    """``(example_index, SFTExample)`` in pool order for a recipe.
+
+    * ``trace`` — both candidates of every query (the instruction and "no instruction"), trace-built rewards.
+    * ``trace-correct`` — the same, only candidates whose outcome was correct (rejection sampling).
+    """
+    from trprompt_dspy.backends.prompt_model.base import NO_INSTRUCTION, InstructionRequest, SFTExample
+    from trprompt_dspy.loop.sft_data import complete_sentences
+    from trprompt_dspy.loop.trace_reward import trace_reward
+
+    out = []
+    for i, c in pool.items():
+        ins = c["instructed"]
+        if not ins.instructions:
+            continue
+        req = InstructionRequest.from_dict(ins.instructions[0]["request"])
+        for kind in ("student", "instructed"):
+            r = c[kind]
+            if recipe == "trace-correct" and r.score < 1.0:
+                continue
+            text = NO_INSTRUCTION if kind == "student" else complete_sentences(ins.instructions[0]["instruction"] or "")
+            if not text.strip():
+                text = NO_INSTRUCTION
+            reward = trace_reward(r, c["student"])
+            out.append((i, SFTExample(InstructionRequest(req.predictor, req.task, req.query, reward), text)))
+    return out
+
+
+def stage_train(args: argparse.Namespace) -> None:
+    """One SFT pass in pool order; the adapter after the first n queries is saved for each n in ``--sizes``."""
+    import torch
+    import transformers
+
+    from trprompt_dspy.backends.prompt_model.lora_training import _finish_adapter_folder, lora_trainer
+    from trprompt_dspy.config import LoraSettings, SFTSettings
+    from trprompt_dspy.models import resolve_model
+    from trprompt_dspy.models.hf_runtime import load_causal_lm
+
+    runs = Path(args.runs)
+    pool = load_pool(runs)
+    rows = sft_examples(pool, args.recipe)
+    order = list(pool)
+    ends = {}  # size -> number of examples covering the first `size` queries
+    for n in args.sizes:
+        keep = set(order[:n])
+        ends[n] = sum(1 for i, _ in rows if i in keep)
+    out_root = runs / f"adapters-{args.recipe}-top{args.top_layers}"
+    todo = [n for n in args.sizes if not (out_root / f"n{n}" / "adapter_model.safetensors").exists()]
+    if not todo:
+        logger.info("all adapters exist under %s", out_root)
+        return
+    # One pass in pool order (nested subsets: the adapter after n queries has seen exactly their examples).
+    sft = SFTSettings(num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=args.lr,
+                      group_by_length=False, extra={"train_sampling_strategy": "sequential"})
+    lora = LoraSettings(top_layers=args.top_layers or None)
+    model, tok = load_causal_lm(resolve_model(args.target), dtype="auto", device="cpu")
+    examples = [e for _, e in rows[: max(ends.values())]]
+    bs = args.batch
+
+    class SaveAt(transformers.TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):  # noqa: ANN001
+            for n, e in ends.items():
+                if state.global_step == -(-e // bs) and n in todo:
+                    folder = out_root / f"n{n}"
+                    kw["model"].save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+                    _finish_adapter_folder(folder, args.target)
+                    (folder / "scale_info.json").write_text(json.dumps({
+                        "queries": n, "examples": e, "steps": state.global_step, "recipe": args.recipe,
+                        "top_layers": args.top_layers, "seconds": round(time.perf_counter() - t0, 1),
+                        "losses": [h["loss"] for h in state.log_history if "loss" in h]}))
+                    logger.info("saved adapter after %d queries (%d examples, step %d, %.0f s)", n, e,
+                                state.global_step, time.perf_counter() - t0)
+
+    with lora_trainer(model, tok, examples, lora=lora, sft=sft, seed=args.seed) as trainer:
+        if len(trainer.train_dataset) != len(examples):
+            raise RuntimeError("examples were dropped for length; raise max_length")
+        tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
+        logger.info("SFT %s: %d examples, %d tokens, top %s layers trainable, torch threads %d", args.recipe,
+                    len(examples), tokens, args.top_layers or "all", torch.get_num_threads())
+        trainer.add_callback(SaveAt())
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    append_jsonl(runs / "train_timing.jsonl", {"recipe": args.recipe, "top_layers": args.top_layers,
+                                               "examples": len(examples), "tokens": tokens, "wall_s": round(wall, 1),
+                                               "examples_per_h": round(3600 * len(examples) / wall),
+                                               "tokens_per_s": round(tokens / wall, 1)})
+
+
+def matmul_gflops(dtype: Any, n: int = 2048, reps: int = 6) -> float:
+    """This machine's sustained matmul rate (GFLOP/s) in ``dtype``, the ceiling SFT is held against."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 1)
+
+
+def padded_tokens(trainer: Any) -> int:
+    """Tokens the trainer's batches hold, padding included (one pass over its dataloader, same order as training)."""
+    total = 0
+    for batch in trainer.get_train_dataloader():
+        total += int(batch["input_ids"].numel())
+    return total
+
+
+def stage_sft_bench(args: argparse.Namespace) -> None:
+    """Tokens/s of LoRA SFT steps with every layer trainable vs the top ``--top-layers`` only (same examples)."""
+    import torch
+
+    from trprompt_dspy.backends.prompt_model.lora_training import lora_trainer
+    from trprompt_dspy.config import LoraSettings, SFTSettings
+    from trprompt_dspy.models import resolve_model
+    from trprompt_dspy.models.dtype import cpu_info
+    from trprompt_dspy.models.hf_runtime import load_causal_lm
+
+    runs = Path(args.runs)
+    rows = sft_examples(load_pool(runs), args.recipe)
+    examples = [e for _, e in rows[: args.batch * args.bench_steps]]
+    model, tok = load_causal_lm(resolve_model(args.target), dtype="auto", device="cpu")
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    rec: dict[str, Any] = {"cpu": cpu_info(), "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(),
+                           "matmul_gflops": {"float32": matmul_gflops(torch.float32),
+                                             "bfloat16": matmul_gflops(torch.bfloat16)},
+                           "non_embedding_params": n_params, "runs": []}
+    for top, grouped in ((0, False), (0, True), (args.top_layers, True)):
+        sft = SFTSettings(num_train_epochs=1, per_device_train_batch_size=args.batch, group_by_length=grouped)
+        with lora_trainer(model, tok, examples, lora=LoraSettings(top_layers=top or None), sft=sft,
+                          seed=args.seed) as trainer:
+            padded = padded_tokens(trainer)
+            tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
+            t0 = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - t0
+        tps = tokens / wall
+        rec["runs"].append({"top_layers": top or "all", "group_by_length": grouped, "padded_tokens": padded,
+                            "examples": len(examples), "tokens": tokens,
+                            "wall_s": round(wall, 1), "tokens_per_s": round(tps, 1),
+                            "examples_per_h": round(3600 * len(examples) / wall),
+                            # LoRA SFT costs about 4N FLOP per token with every layer in the backward pass
+                            # (forward 2N + activation gradients 2N; no weight gradients for frozen weights).
+                            "gflops_at_4n": round(4 * n_params * tps / 1e9, 1)})
+        logger.info("SFT bench %s", rec["runs"][-1])
+    base = rec["runs"][0]["tokens_per_s"]
+    rec["speedup_grouped_vs_before"] = round(rec["runs"][1]["tokens_per_s"] / base, 2)
+    rec["speedup_top_grouped_vs_before"] = round(rec["runs"][2]["tokens_per_s"] / base, 2)
+    append_jsonl(runs / "sft_bench.jsonl", rec)
+    logger.info("SFT bench: %s", json.dumps(rec))
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def stage_eval(args: argparse.Namespace, stack: Any) -> None:
+    """Zero-shot and each adapter on the first ``--n`` dev questions; one record per cell in ``cells.jsonl``."""
+    import dspy
+
+    from benchmarks.ablation_study import _evaluate
+    from trprompt_dspy.apps.programs import load_program
+    from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
+    from trprompt_dspy.compiled.program import install_query_aware
+    from trprompt_dspy.models.dtype import cpu_info
+    from trprompt_dspy.tasks.datasets import load_fixed_split
+    from trprompt_dspy.tasks.metrics import get_metric
+
+    runs = Path(args.runs)
+    cells_path = runs / "cells.jsonl"
+    done = {c["cell"] for c in read_jsonl(cells_path)}
+    dev = load_fixed_split(DATASET, "dev", limit=args.n)
+    metric = get_metric(DATASET)
+    lm, pm = stack.target_lm, stack.prompt_model
+    for cell in args.cells:
+        if cell in done:
+            continue
+        t0 = time.perf_counter()
+        with dspy.context(lm=lm):
+            if cell == "zeroshot":
+                rec = _evaluate(load_program(PROGRAM), dev, metric, lm, stack.num_threads)
+            else:
+                folder = runs / cell
+                info = json.loads((folder / "scale_info.json").read_text())
+                pm.load_adapter(str(folder))
+                program = install_query_aware(
+                    load_program(PROGRAM), prompt_model=PinnedPromptModel(pm, str(folder)),
+                    optimal_reward=trace_t_star(),
+                    generation={"temperature": 0.0, "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS})
+                rec = _evaluate(program, dev, metric, lm, stack.num_threads)
+                rec["train"] = info
+                rec["abstained"] = sum(1 for r in rec["rows"] if not r.get("instruction"))
+        rec.update(cell=cell, cell_wall_s=round(time.perf_counter() - t0, 1), cpu=cpu_info())
+        append_jsonl(cells_path, rec)
+        logger.info("cell %s: %.1f %% in %.0f s", cell, 100 * sum(r["correct"] for r in rec["rows"]) / len(rec["rows"]),
+                    rec["cell_wall_s"])
+
+
+# ---------------------------------------------------------------------------------------------- report
+#: Rollouts/hour and SFT examples/hour of the compile loop before this work, on the same kind of Intel Xeon (AMX),
+#: from the committed study (``ablation-gsmhard-qwen1.5b-2026-12-01.cells.jsonl``): the iteration-0 phases of the
+#: compile cells that ran their own rollouts (rollouts: program runs with instructions + reward-LM critiques at
+#: 32 concurrent requests; SFT: the iteration's LoRA step, every layer, batch 4, model load included).
+BEFORE_SOURCE = "benchmarks/results/ablation-gsmhard-qwen1.5b-2026-12-01.cells.jsonl"
+
+
+def before_rates() -> dict[str, Any]:
+    cells = [json.loads(line) for line in (REPO / BEFORE_SOURCE).read_text().splitlines() if line.strip()]
+    n_r = s_r = n_e = s_e = 0.0
+    used = []
+    for c in cells:
+        if "compile" not in c or "Xeon" not in (c.get("cpu") or {}).get("model", ""):
+            continue
+        for it in c["compile"]["iterations"]:
+            sec = it.get("seconds") or {}
+            if sec.get("rollouts") and sec.get("sft") and c["compile"].get("prompt_model", {}) is not None:
+                if "smollm2" in c["cell"] or "qwen0.5b" in c["cell"]:
+                    continue  # another prompt model
+                n_r += it["num_rollouts"]
+                s_r += sec["rollouts"]
+                n_e += it["num_sft_examples"]
+                s_e += sec["sft"]
+                used.append(c["cell"])
+    return {"source": BEFORE_SOURCE, "cells": used, "rollouts_per_h": round(3600 * n_r / s_r) if s_r else None,
+            "sft_examples_per_h": round(3600 * n_e / s_e) if s_e else None,
+            "note": "rollouts include the reward LM's critique of each; SFT includes loading the model"}
+
+
+def stage_report(args: argparse.Namespace) -> None:
+    from benchmarks.ablation_study import compare
+
+    runs = Path(args.runs)
+    pool = load_pool(runs)
+    timing = read_jsonl(runs / "pool_timing.jsonl")
+    counts = dict.fromkeys(("fixed", "broke", "kept", "left_wrong", "abstained"), 0)
+    from trprompt_dspy.loop.trace_reward import outcome_change
+
+    for c in pool.values():
+        ins = c["instructed"]
+        if not any((x.get("instruction") or "").strip() for x in ins.instructions):
+            counts["abstained"] += 1
+        else:
+            counts[outcome_change(ins, c["student"])] += 1
+    n_roll = sum(t["rollouts"] for t in timing)
+    wall = sum(t["wall_s"] for t in timing)
+    after_sft = read_jsonl(runs / "sft_bench.jsonl")
+    cells = {c["cell"]: c for c in read_jsonl(runs / "cells.jsonl")}
+    curve = []
+    if "zeroshot" in cells:
+        for name, c in cells.items():
+            if name == "zeroshot":
+                continue
+            cmp = compare(c["rows"], cells["zeroshot"]["rows"])
+            curve.append({"cell": name, "train_queries": c["train"]["queries"], "sft_examples": c["train"]["examples"],
+                          "dev_n": cmp["n"], "accuracy": cmp["accuracy"], "ci95": cmp["ci95"],
+                          "zeroshot_accuracy": compare(cells["zeroshot"]["rows"], cells["zeroshot"]["rows"])["accuracy"],
+                          "fixed": cmp["fixed"], "broken": cmp["broken"], "p_value": cmp["mcnemar_p"],
+                          "abstention_rate": round(c["abstained"] / cmp["n"], 3), "eval_wall_s": c["eval_wall_s"],
+                          "train_wall_s": c["train"]["seconds"]})
+    summary = {
+        "issue": 24, "dataset": DATASET, "target": args.target, "program": PROGRAM,
+        "pool": {"queries": len(pool), "max_tokens": timing[0]["max_tokens"] if timing else None,
+                 "student_accuracy": round(sum(c["student"].score for c in pool.values()) / max(1, len(pool)), 3),
+                 "instructed_accuracy": round(sum(c["instructed"].score for c in pool.values()) / max(1, len(pool)), 3),
+                 "instructions_against_student": counts},
+        "throughput": {"before": before_rates(),
+                       "after": {"rollouts": int(n_roll), "wall_s": round(wall, 1),
+                                 "rollouts_per_h": round(3600 * n_roll / wall) if wall else None,
+                                 "completion_tokens_per_s": round(sum(t["completion_tokens"] for t in timing) / wall, 1)
+                                 if wall else None, "concurrency": timing[0]["concurrency"] if timing else None,
+                                 "note": "student + instructed rollouts side by side; no reward LM (trace-built rewards)"},
+                       "sft_bench": after_sft[-1] if after_sft else None},
+        **reward_rates(runs),
+        "curve": curve, "test": None,
+    }
+    rates = reward_rates(runs)
+    summary["contradiction_rate"] = {"before": rates["before"]["contradiction_rate"],
+                                     "after": rates["after"]["contradiction_rate"], "n": rates["before"]["n"]}
+    summary["restatement_rate"] = {"before": rates["before"]["restatement_rate"],
+                                   "after": rates["after"]["restatement_rate"], "n": rates["before"]["n"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("wrote %s", RESULTS / f"{args.out}.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=["pool", "rewards", "sft-bench", "train", "eval", "report"])
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--runs", default="runs/scale")
+    parser.add_argument("--pool", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=768)
+    parser.add_argument("--threads", type=int, default=32, help="concurrent requests per rollout kind")
+    parser.add_argument("--lm-rewards", type=int, default=64, help="instructed rollouts critiqued by the reward LM")
+    parser.add_argument("--recipe", default="trace-correct", choices=["trace", "trace-correct"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--top-layers", type=int, default=4, help="train LoRA on the top k layers only (0: all)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--bench-steps", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--n", type=int, default=100, help="first n fixed dev questions")
+    parser.add_argument("--cells", nargs="+", default=["zeroshot"])
+    parser.add_argument("--out", default="scale-gsmhard-qwen1.5b")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "LiteLLM", "litellm", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.stage in ("train", "sft-bench"):
+        (stage_train if args.stage == "train" else stage_sft_bench)(args)
+        return 0
+    if args.stage == "report":
+        stage_report(args)
+        return 0
+    from trprompt_dspy.backends.stack import ModelStack
+
+    stack = ModelStack(args.target, max_tokens=args.max_tokens, log_dir=Path(args.runs) / "servers",
+                       num_threads=2 * args.threads)
+    with stack:
+        {"pool": stage_pool, "rewards": stage_rewards, "eval": stage_eval}[args.stage](args, stack)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
