@@ -434,7 +434,7 @@ def before_rates() -> dict[str, Any]:
             continue
         for it in c["compile"]["iterations"]:
             sec = it.get("seconds") or {}
-            if sec.get("rollouts") and sec.get("sft") and c["compile"].get("prompt_model", {}) is not None:
+            if (sec.get("rollouts") or 0) > 10 and (sec.get("sft") or 0) > 10:  # phases resumed from disk: ~0 s
                 if "smollm2" in c["cell"] or "qwen0.5b" in c["cell"]:
                     continue  # another prompt model
                 n_r += it["num_rollouts"]
@@ -489,7 +489,11 @@ def stage_report(args: argparse.Namespace) -> None:
                                  "rollouts_per_h": round(3600 * n_roll / wall) if wall else None,
                                  "completion_tokens_per_s": round(sum(t["completion_tokens"] for t in timing) / wall, 1)
                                  if wall else None, "concurrency": timing[0]["concurrency"] if timing else None,
-                                 "note": "student + instructed rollouts side by side; no reward LM (trace-built rewards)"},
+                                 "note": "student + instructed rollouts side by side; no reward LM (trace-built rewards)",
+                                 "chunks": [{"queries": t["queries"], "rollouts": t["rollouts"], "wall_s": t["wall_s"],
+                                             "rollouts_per_h": round(3600 * t["rollouts"] / t["wall_s"]),
+                                             "completion_tokens_per_s": round(t["completion_tokens"] / t["wall_s"], 1),
+                                             "ran_alone": t["queries"][0] >= 128} for t in timing]},
                        "sft_bench": after_sft[-1] if after_sft else None},
         **reward_rates(runs),
         "curve": curve, "test": None,
@@ -501,7 +505,73 @@ def stage_report(args: argparse.Namespace) -> None:
                                    "after": rates["after"]["restatement_rate"], "n": rates["before"]["n"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(render(summary))
     logger.info("wrote %s", RESULTS / f"{args.out}.json")
+
+
+def render(s: dict[str, Any]) -> str:
+    """The result as Markdown (every figure is also in the json next to it)."""
+    p, t = s["pool"], s["throughput"]
+    b, a = t["before"], t["after"]
+    lines = [f"# TRPrompt at scale on {s['dataset']} ({s['target']}, single-base, one vLLM server)", "",
+             "Issue 24. Training queries: the first n of a fixed Random(0) order of the GSM-Hard train pool (719); "
+             "the dev questions are the fixed `splits.json` dev indices; the test split is not used.", "",
+             "## Rollout pool", "",
+             f"{p['queries']} training queries, each with the student's own answer (greedy) and one instruction "
+             f"from the untrained single-base prompt model (t*_0, temperature 0.9) with the target's answer; "
+             f"target max_tokens {p['max_tokens']}.", "",
+             "| | value |", "| --- | --- |",
+             f"| student accuracy on the pool | {p['student_accuracy']} |",
+             f"| instructed accuracy on the pool | {p['instructed_accuracy']} |",
+             *(f"| instructions {k} (against the student) | {v} |" for k, v in p["instructions_against_student"].items()),
+             "", "## Throughput (Intel Xeon, 2 cores, AMX)", "",
+             "| step | before | after |", "| --- | --- | --- |",
+             f"| rollouts/hour | {b['rollouts_per_h']} ({b['note'].split(';')[0]}) | {a['rollouts_per_h']} "
+             f"({a['concurrency']} concurrent, {a['completion_tokens_per_s']} completion tok/s) |",
+             f"| SFT examples/hour | {b['sft_examples_per_h']} | see the SFT bench below |", "",
+             "Pool chunks (the first shared the 2 cores with the test suite; the second ran alone):", "",
+             "| queries | rollouts | wall s | rollouts/hour | completion tok/s | ran alone |",
+             "| --- | --- | --- | --- | --- | --- |",
+             *(f"| {c['queries'][0]}-{c['queries'][1]} | {c['rollouts']} | {c['wall_s']} | {c['rollouts_per_h']} | "
+               f"{c['completion_tokens_per_s']} | {c['ran_alone']} |" for c in a["chunks"]), "",
+             f"Before: {b['source']} (cells {', '.join(sorted(set(b['cells'])))}). After: the pool's chunks "
+             "(`pool_timing` in the json; the first chunk shared the machine with the test suite).", ""]
+    bench = t.get("sft_bench")
+    if bench:
+        lines += ["### SFT bench (same examples, batch 4, one pass)", "",
+                  f"Matmul rate on this machine, torch {bench['torch_threads']} threads: fp32 "
+                  f"{bench['matmul_gflops']['float32']} GFLOP/s, bf16 {bench['matmul_gflops']['bfloat16']} GFLOP/s; "
+                  f"model dtype {bench['dtype']}.", "",
+                  "| LoRA layers | batches | tokens | padded tokens | wall s | tokens/s | examples/h | GFLOP/s at 4N |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in bench["runs"]:
+            lines.append(f"| {r['top_layers']} | {'length-grouped' if r['group_by_length'] else 'random'} | "
+                         f"{r['tokens']} | {r['padded_tokens']} | {r['wall_s']} | {r['tokens_per_s']} | "
+                         f"{r['examples_per_h']} | {r['gflops_at_4n']} |")
+        lines += ["", f"Speed-up against the previous default (every layer, random batches): length grouping "
+                  f"{bench['speedup_grouped_vs_before']}x, plus the top {bench['runs'][-1]['top_layers']} layers only "
+                  f"{bench['speedup_top_grouped_vs_before']}x.", ""]
+    cr, rr = s["contradiction_rate"], s["restatement_rate"]
+    lines += ["## Textual rewards on the same rollouts", "",
+              f"{cr['n']} instructed rollouts of the pool, each with the reward LM's critique (before: the critique "
+              "alone, the recipe until now) and the trace-built reward with the critique merged only where it agrees "
+              "with the verdict and adds something (after).", "",
+              "| | before | after |", "| --- | --- | --- |",
+              f"| contradicts the metric's verdict | {cr['before']} | {cr['after']} |",
+              f"| only restates the question, answer or gold solution | {rr['before']} | {rr['after']} |",
+              f"| critiques kept / dropped | - | {s['after']['critiques_added']} / {s['after']['critiques_dropped']} |",
+              ""]
+    lines += ["## Learning curve", ""]
+    if s["curve"]:
+        lines += ["| cell | train queries | SFT examples | dev n | acc % | 95 % CI | zero-shot % | fixed | broken | p | "
+                  "abstention |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in s["curve"]:
+            lines.append(f"| {r['cell']} | {r['train_queries']} | {r['sft_examples']} | {r['dev_n']} | {r['accuracy']} | "
+                         f"{r['ci95']} | {r['zeroshot_accuracy']} | {r['fixed']} | {r['broken']} | {r['p_value']} | "
+                         f"{r['abstention_rate']} |")
+    else:
+        lines.append("Not run yet: no adapter has been evaluated on dev (see the issue's note for the cost).")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -285,12 +285,16 @@ def test_textgrad_replies_without_tags_are_counted_and_t_star_is_kept(tmp_path):
     assert res.failures["textgrad_missing_tags"] == 2 and res.t_star_history == (opt.initial_reward,)
 
 
-def test_reward_model_garbage_everywhere_stops_with_a_clear_resumable_error(tmp_path):
-    target = faulty_lm(FaultInjector(0.0, 0), "target")
-    dspy.configure(lm=target)
+def _garbage_reward_lm() -> tuple[dspy.LM, FakePromptModel]:
+    """A healthy target, a reward LM whose every reply has no fields, and a fake prompt model."""
+    dspy.configure(lm=faulty_lm(FaultInjector(0.0, 0), "target"))
     garbage = dspy.LM("local/reward", engine=ScriptedEngine(lambda s, u: "no fields here"), cache=False,
                       num_retries=0)
-    pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
+    return garbage, FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
+
+
+def test_reward_model_garbage_everywhere_stops_with_a_clear_resumable_error(tmp_path):
+    garbage, pm = _garbage_reward_lm()
     with pytest.raises(ErrorBudgetExceededError, match=r"textual rewards.*parse_error.*same log_dir to resume"):
         # With the critique alone as the reward (the paper's recipe) there is nothing to train on without R.
         make_optimizer(tmp_path, pm, garbage, None, textual_rewards="critique", abstain=False).compile(
@@ -300,11 +304,7 @@ def test_reward_model_garbage_everywhere_stops_with_a_clear_resumable_error(tmp_
 
 
 def test_reward_model_garbage_everywhere_leaves_the_trace_built_rewards(tmp_path):
-    target = faulty_lm(FaultInjector(0.0, 0), "target")
-    dspy.configure(lm=target)
-    garbage = dspy.LM("local/reward", engine=ScriptedEngine(lambda s, u: "no fields here"), cache=False,
-                      num_retries=0)
-    pm = FakePromptModel(template="Add the numbers carefully for {predictor}, then state the sum.")
+    garbage, pm = _garbage_reward_lm()
     compiled = make_optimizer(tmp_path, pm, garbage, None, num_iterations=1).compile(
         MathCoT(), trainset=addition_examples(10), valset=addition_examples(4, 50))
     res = compiled.detailed_results
