@@ -212,39 +212,35 @@ def reward_rates(runs: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- SFT
-#: What the trained prompt model is conditioned on at inference under the trace recipe (the outcome it should
-#: produce): the metric's verdict of a correct outcome.
 def trace_t_star() -> str:
+    """What the compile conditions a trained prompt model on (``TRPromptRun._conditioning``) with t* = t*_0."""
     from trprompt_dspy.loop.textual_reward import CORRECT_VERDICT
+    from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD
 
-    return CORRECT_VERDICT
+    return f"{CORRECT_VERDICT} {DEFAULT_INITIAL_REWARD}"
 
 
 def sft_examples(pool: dict[int, dict[str, Any]], recipe: str) -> list[tuple[int, Any]]:
-    """``(example_index, SFTExample)`` in pool order for a recipe.
+    """``(example_index, SFTExample)`` in pool order, built by the library (``build_sft_examples(abstain=True)``).
 
     * ``trace`` — both candidates of every query (the instruction and "no instruction"), trace-built rewards.
-    * ``trace-correct`` — the same, only candidates whose outcome was correct (rejection sampling).
+    * ``trace-correct`` — the same, only candidates whose outcome was correct (``min_score=1.0``).
     """
-    from trprompt_dspy.backends.prompt_model.base import NO_INSTRUCTION, InstructionRequest, SFTExample
-    from trprompt_dspy.loop.sft_data import complete_sentences
+    import dataclasses
+
+    from trprompt_dspy.loop.sft_data import build_sft_examples
     from trprompt_dspy.loop.trace_reward import trace_reward
 
     out = []
     for i, c in pool.items():
-        ins = c["instructed"]
+        ins, student = c["instructed"], c["student"]
         if not ins.instructions:
             continue
-        req = InstructionRequest.from_dict(ins.instructions[0]["request"])
-        for kind in ("student", "instructed"):
-            r = c[kind]
-            if recipe == "trace-correct" and r.score < 1.0:
-                continue
-            text = NO_INSTRUCTION if kind == "student" else complete_sentences(ins.instructions[0]["instruction"] or "")
-            if not text.strip():
-                text = NO_INSTRUCTION
-            reward = trace_reward(r, c["student"])
-            out.append((i, SFTExample(InstructionRequest(req.predictor, req.task, req.query, reward), text)))
+        # The "no instruction" candidate, as the compile builds it (TRPromptRun._no_instruction_candidates).
+        none = dataclasses.replace(student, instructions=[{**x, "instruction": ""} for x in ins.instructions])
+        cands = [dataclasses.replace(r, reward=trace_reward(r, student)) for r in (none, ins)]
+        examples, _ = build_sft_examples(cands, abstain=True, min_score=1.0 if recipe == "trace-correct" else None)
+        out += [(i, e) for e in examples]
     return out
 
 

@@ -53,6 +53,11 @@ def test_projection_counts_scale_with_budget():
     assert p["reward_lm_calls"] == 2 * 4 * 3
     assert p["target_lm_calls"] == 2 * p["program_runs"]
     assert p["sft_steps"] == 2 * 4 * 3 * 2 // 4
+    # the student's own answer per sampled query, and a "no instruction" example per query
+    q = b.projected_calls(num_predictors=2, val_size=5, sft_batch_size=4, sft_epochs=1, accumulate=False,
+                          student_runs=True, abstain=True)
+    assert q["program_runs"] == p["program_runs"] + 2 * 4 and q["prompt_model_calls"] == p["prompt_model_calls"]
+    assert q["sft_steps"] == 2 * 4 * (3 + 1) * 2 // 4
 
 
 def test_lora_settings_map_onto_peft():

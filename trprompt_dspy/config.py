@@ -129,21 +129,28 @@ class Budget:
         return cls(**{**AUTO_BUDGETS["light"], **given}, max_metric_calls=max_metric_calls)
 
     def projected_calls(self, *, num_predictors: int, val_size: int, sft_batch_size: int,
-                        sft_epochs: float, accumulate: bool) -> dict[str, int]:
-        """Projected work of the whole compile (an upper bound; early stops make it smaller)."""
+                        sft_epochs: float, accumulate: bool, student_runs: bool = False,
+                        abstain: bool = False) -> dict[str, int]:
+        """Projected work of the whole compile (an upper bound; early stops make it smaller).
+
+        ``student_runs``: the student's own answer on every sampled training query is computed (once per query;
+        counted as if no query repeated). ``abstain``: each query adds a "no instruction" SFT example.
+        """
         k, q, m = self.num_iterations, self.queries_per_iteration, self.prompts_per_query
         rollouts = k * q * m
+        students = k * q if student_runs else 0
         # TextGrad per step: candidate evaluation on a minibatch + loss, gradient and update calls.
         tg_rollouts = k * self.textgrad_steps * self.textgrad_batch_size * 2
         validation = (k + 1) * min(val_size, self.val_size)
         program_runs = rollouts + tg_rollouts + validation
+        per_query = m + (1 if abstain else 0)
         if accumulate:
-            sft_examples = sum(q * m * num_predictors * (i + 1) for i in range(k))
+            sft_examples = sum(q * per_query * num_predictors * (i + 1) for i in range(k))
         else:
-            sft_examples = rollouts * num_predictors
+            sft_examples = k * q * per_query * num_predictors
         return {
-            "program_runs": program_runs,
-            "target_lm_calls": program_runs * num_predictors,
+            "program_runs": program_runs + students,
+            "target_lm_calls": (program_runs + students) * num_predictors,
             "prompt_model_calls": program_runs * num_predictors,
             "reward_lm_calls": rollouts,
             "textgrad_lm_calls": k * self.textgrad_steps * 3,

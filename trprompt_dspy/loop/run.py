@@ -715,7 +715,8 @@ class TRPromptRun:
         p = self.budget.projected_calls(
             num_predictors=len(self.settings.predictors or list(self.student.named_predictors())),
             val_size=len(self.valset), sft_batch_size=self.settings.sft.per_device_train_batch_size,
-            sft_epochs=self.settings.sft.num_train_epochs, accumulate=self.settings.sft.accumulate)
+            sft_epochs=self.settings.sft.num_train_epochs, accumulate=self.settings.sft.accumulate,
+            student_runs=self.settings.abstain or self.settings.rewards != "critique", abstain=self.settings.abstain)
         logger.info(
             "TRPrompt plan: %d iterations x %d queries x %d instructions; up to %d program runs "
             "(%d target-LM calls, %d prompt-model calls), %d reward-LM calls, about %d TextGrad-LM calls "
