@@ -121,6 +121,25 @@ def test_default_rewards_are_built_from_the_trace_and_never_contradict_the_metri
     assert it.abstention_rate is not None and 0.0 <= it.abstention_rate <= 1.0
 
 
+def test_an_unparseable_reply_is_an_outcome_the_trace_built_reward_describes(tmp_path):
+    from tests.fakes import ScriptedEngine
+
+    follow = instruction_following_responder(MARKER)
+
+    def target(system, user):  # on questions with an even first number an instruction makes the reply unparseable
+        m = re.search(r"What is (\d+) \+", user)
+        if "Instruction for this input" in system and m and int(m.group(1)) % 2 == 0:
+            return "I cannot format this."
+        return follow(system, user)
+
+    dspy.configure(lm=dspy.LM("local/target", engine=ScriptedEngine(target), cache=False, num_retries=0))
+    compiled, pm, _ = compile_small(tmp_path, metric=feedback_metric, num_iterations=1, textgrad_steps=0)
+    examples = pm.train_calls[0][0]
+    broken = [e for e in examples if "could not be parsed" in e.request.reward]
+    assert broken, "a parse failure caused by the instruction must be trained on, not dropped"
+    assert all(e.request.reward.startswith("Verdict: the outcome was incorrect") for e in broken)
+
+
 def test_budget_knobs_reach_their_consumers(tmp_path, lm):
     compiled, pm, _ = compile_small(tmp_path, num_iterations=1, queries_per_iteration=4, prompts_per_query=3,
                                     textgrad_steps=0, sampling_temperature=0.7, seed=3,

@@ -48,6 +48,9 @@ TEXTGRAD_MAX_TOKENS = 384
 _TEXTGRAD_FAILURES = frozenset({"missing_tags", "engine", "empty_gradient", "evaluation"})
 #: Smoke-test examples tried before a setup error is reported (one bad reply must not stop the compile).
 _SMOKE_TRIES = 3
+#: Failed program runs that are still outcomes of the prompt (the target's reply could not be parsed or was cut):
+#: with trace-built rewards they are trained on like any other outcome.
+_OUTCOME_ERRORS = frozenset({"parse_error", "truncated"})
 #: Failure kinds of a cached student rollout that are worth another try (a later iteration re-runs it).
 _TRANSIENT = frozenset({"timeout", "server_error", "connection", "rate_limit"})
 
@@ -284,6 +287,10 @@ class TRPromptRun:
                 f"the metric; re-running compile with log_dir={str(self.run_dir.root)!r} retries the failed ones."
             )
         students = self._student_rollouts(picked)
+        if self.settings.rewards != "critique":
+            # An unparseable or truncated reply is the target's answer to that prompt, an outcome the trace-built
+            # reward describes ("cut at its max_tokens"); only failures of the infrastructure stay out.
+            live = [r for r in rollouts if not r.error or r.error_kind in _OUTCOME_ERRORS]
         if self.settings.abstain:
             extra = self._no_instruction_candidates(live, students)
             live += extra
@@ -352,7 +359,7 @@ class TRPromptRun:
         out = []
         for i, r in sorted(first.items()):
             s = students.get(i)
-            if s is None or s.error:
+            if s is None or (s.error and s.error_kind not in _OUTCOME_ERRORS):
                 continue
             out.append(dataclasses.replace(
                 s, sample_index=self.budget.prompts_per_query, conditioned_on=r.conditioned_on,
