@@ -212,6 +212,21 @@ def test_textgrads_own_info_level_is_lowered_to_warning(textgrad_logger):
     assert textgrad_logger.level == logging.INFO
 
 
+def test_textgrads_handled_index_error_is_dropped_unless_debugging(textgrad_logger, caplog):
+    textgrad_logger.setLevel(logging.INFO)
+    log_noise.quiet_textgrad(logging.NOTSET)
+    with caplog.at_level(logging.WARNING, logger=log_noise.TEXTGRAD_LOGGER):
+        textgrad_logger.error("TextualGradientDescent optimizer response could not be indexed")
+        textgrad_logger.error("some other textgrad error")
+    assert [r.getMessage() for r in caplog.records] == ["some other textgrad error"]
+    caplog.clear()
+    textgrad_logger.setLevel(logging.DEBUG)
+    textgrad_logger.error("TextualGradientDescent optimizer response could not be indexed")
+    assert len(caplog.records) == 1
+    for f in list(textgrad_logger.filters):
+        textgrad_logger.removeFilter(f)
+
+
 def test_a_level_the_user_chose_is_kept(textgrad_logger):
     textgrad_logger.setLevel(logging.INFO)  # textgrad's import overwrote the user's DEBUG
     log_noise.quiet_textgrad(logging.DEBUG)

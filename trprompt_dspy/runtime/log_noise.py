@@ -72,6 +72,19 @@ _textgrad_lock = threading.Lock()
 _textgrad_quieted = False
 
 
+class _HandledTextGradErrors(logging.Filter):
+    """Drop textgrad's ERROR "optimizer response could not be indexed" unless its logger is at DEBUG.
+
+    textgrad logs it when an update reply lacks its ``<IMPROVED_VARIABLE>`` tags; ``loop/refine_reward.py`` handles
+    exactly that case (one retry, then t* is kept) and says so in its own INFO line, so the ERROR only alarms.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "could not be indexed" in record.getMessage():
+            return logging.getLogger(TEXTGRAD_LOGGER).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def quiet_textgrad(level_before_import: int | None) -> None:
     """Set the ``textgrad`` logger to WARNING after the library's first import of textgrad, unless you set a level.
 
@@ -93,6 +106,7 @@ def quiet_textgrad(level_before_import: int | None) -> None:
             return
         _textgrad_quieted = True
         tg_logger = logging.getLogger(TEXTGRAD_LOGGER)
+        tg_logger.addFilter(_HandledTextGradErrors())
         if level_before_import is not None and level_before_import != logging.NOTSET:
             tg_logger.setLevel(level_before_import)
         elif tg_logger.level in (logging.NOTSET, _TEXTGRAD_IMPORT_LEVEL):

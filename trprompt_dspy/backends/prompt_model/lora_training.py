@@ -210,8 +210,11 @@ class _ProgressCallback:
                 if not logs or "loss" not in logs:
                     return
                 elapsed = time.perf_counter() - self.start
-                logger.info("LoRA SFT step %d/%d: loss %.4f (%.1f s/step)", state.global_step, state.max_steps,
-                            float(logs["loss"]), elapsed / max(1, state.global_step))
+                # Five progress lines per run at INFO (first, every fifth of the way, last); every step at DEBUG.
+                every = max(1, -(-state.max_steps // 5))
+                shown = state.global_step in (1, state.max_steps) or state.global_step % every == 0
+                logger.log(logging.INFO if shown else logging.DEBUG, "LoRA SFT step %d/%d: loss %.4f (%.1f s/step)",
+                           state.global_step, state.max_steps, float(logs["loss"]), elapsed / max(1, state.global_step))
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
 
