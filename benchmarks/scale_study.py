@@ -474,6 +474,7 @@ def stage_report(args: argparse.Namespace) -> None:
                           "fixed": cmp["fixed"], "broken": cmp["broken"], "p_value": cmp["mcnemar_p"],
                           "abstention_rate": round(c["abstained"] / cmp["n"], 3), "eval_wall_s": c["eval_wall_s"],
                           "train_wall_s": c["train"]["seconds"]})
+    rates = reward_rates(runs)
     summary = {
         "issue": 24, "dataset": DATASET, "target": args.target, "program": PROGRAM,
         "pool": {"queries": len(pool), "max_tokens": timing[0]["max_tokens"] if timing else None,
@@ -491,10 +492,9 @@ def stage_report(args: argparse.Namespace) -> None:
                                              "completion_tokens_per_s": round(t["completion_tokens"] / t["wall_s"], 1),
                                              "ran_alone": t["queries"][0] >= 128} for t in timing]},
                        "sft_bench": after_sft[-1] if after_sft else None},
-        **reward_rates(runs),
+        **rates,
         "curve": curve, "test": None,
     }
-    rates = reward_rates(runs)
     summary["contradiction_rate"] = {"before": rates["before"]["contradiction_rate"],
                                      "after": rates["after"]["contradiction_rate"], "n": rates["before"]["n"]}
     summary["restatement_rate"] = {"before": rates["before"]["restatement_rate"],

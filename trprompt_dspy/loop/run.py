@@ -107,6 +107,8 @@ class TRPromptRun:
         self.metric_calls = 0
         self.t_star = settings.initial_reward
         self._val_abstention: float | None = None
+        self._against_student: dict[str, int] = {}  # what this iteration's instructions did vs the student
+        self._critiques: dict[str, int] = {}  # what happened to this iteration's reward-LM critiques
         self._trained = False  # has the prompt model been fine-tuned in this run (see _conditioning)?
         self.t_history: list[str] = [self.t_star]
         self.stats: list[IterationStats] = []
@@ -232,9 +234,9 @@ class TRPromptRun:
             redacted_rewards=sum(1 for r in rollouts if r.reward_redactions),
             filtered_instructions=n_filtered,
             seconds=seconds,
-            against_student=dict(getattr(self, "_against_student", {})),
+            against_student=dict(self._against_student),
             abstention_rate=self._val_abstention,
-            critiques=dict(getattr(self, "_critiques", {})),
+            critiques=dict(self._critiques),
         ))
         logger.info("Iteration %d: rollout score %.3f, validation score %.3f (baseline %.3f), %s",
                     k, self.stats[-1].rollout_score, val_score, self.baseline_score or 0.0,
@@ -247,6 +249,7 @@ class TRPromptRun:
 
         final = d / "rollouts.json"
         saved = self.run_dir.read_json(final)
+        self._against_student, self._critiques = {}, {}  # this iteration's, never a previous one's
         if saved is not None:
             self.metric_calls += len(saved)
             return [Rollout.from_dict(r) for r in saved]
