@@ -168,15 +168,19 @@ def stage_rewards(args: argparse.Namespace, stack: Any) -> None:
     path = runs / "lm_rewards.jsonl"
     have = {r["example_index"] for r in read_jsonl(path)}
     todo = [i for i in list(pool)[: args.lm_rewards] if i not in have]
-    if todo:
-        rollouts = [pool[i]["instructed"] for i in todo]
+    # In chunks of 128 (each saved as it finishes), so a killed run loses at most one chunk.
+    for start in range(0, len(todo), 128):
+        rollouts = [pool[i]["instructed"] for i in todo[start:start + 128]]
         t0 = time.perf_counter()
         seen = len(stack.target_lm.history)
         TextualRewardModel(stack.target_lm).score_rollouts(rollouts, num_threads=stack.num_threads)
         wall = time.perf_counter() - t0
         for r in rollouts:
             append_jsonl(path, {"example_index": r.example_index, "reward": r.reward, "error": r.reward_error})
-        logger.info("reward LM: %d critiques in %.0f s (%s)", len(rollouts), wall, _usage_since(stack.target_lm, seen))
+        usage = _usage_since(stack.target_lm, seen)
+        append_jsonl(runs / "lm_rewards_timing.jsonl", {"critiques": len(rollouts), "wall_s": round(wall, 1), **usage,
+                                                       "concurrency": stack.num_threads})
+        logger.info("reward LM: %d critiques in %.0f s (%s)", len(rollouts), wall, usage)
     with (runs / "trace_rewards.jsonl").open("w") as fh:
         for i, c in pool.items():
             for kind in ("student", "instructed"):
@@ -220,11 +224,14 @@ def trace_t_star() -> str:
     return f"{CORRECT_VERDICT} {DEFAULT_INITIAL_REWARD}"
 
 
-def sft_examples(pool: dict[int, dict[str, Any]], recipe: str) -> list[tuple[int, Any]]:
+def sft_examples(pool: dict[int, dict[str, Any]], recipe: str,
+                 critiques_path: Path | None = None) -> list[tuple[int, Any]]:
     """``(example_index, SFTExample)`` in pool order, built by the library (``build_sft_examples(abstain=True)``).
 
     * ``trace`` — both candidates of every query (the instruction and "no instruction"), trace-built rewards.
     * ``trace-correct`` — the same, only candidates whose outcome was correct (``min_score=1.0``).
+    * ``critique`` — the recipe before issue 24 (``textual_rewards="critique", abstain=False``): the instructed
+      candidate only, its reward the reward LM's critique (``lm_rewards.jsonl``; queries without one are skipped).
     """
     import dataclasses
 
@@ -232,9 +239,16 @@ def sft_examples(pool: dict[int, dict[str, Any]], recipe: str) -> list[tuple[int
     from trprompt_dspy.loop.trace_reward import trace_reward
 
     out = []
+    critiques = ({r["example_index"]: r["reward"] for r in read_jsonl(critiques_path) if r.get("reward")}
+                 if recipe == "critique" else {})
     for i, c in pool.items():
         ins, student = c["instructed"], c["student"]
         if not ins.instructions:
+            continue
+        if recipe == "critique":
+            if i in critiques:
+                examples, _ = build_sft_examples([dataclasses.replace(ins, reward=critiques[i])], abstain=False)
+                out += [(i, e) for e in examples]
             continue
         # The "no instruction" candidate, as the compile builds it (TRPromptRun._no_instruction_candidates).
         none = dataclasses.replace(student, instructions=[{**x, "instruction": ""} for x in ins.instructions])
@@ -256,7 +270,7 @@ def stage_train(args: argparse.Namespace) -> None:
 
     runs = Path(args.runs)
     pool = load_pool(runs)
-    rows = sft_examples(pool, args.recipe)
+    rows = sft_examples(pool, args.recipe, runs / "lm_rewards.jsonl")
     order = list(pool)
     ends = {}  # size -> number of examples covering the first `size` queries
     for n in args.sizes:
@@ -336,7 +350,7 @@ def stage_sft_bench(args: argparse.Namespace) -> None:
     from trprompt_dspy.models.hf_runtime import load_causal_lm
 
     runs = Path(args.runs)
-    rows = sft_examples(load_pool(runs), args.recipe)
+    rows = sft_examples(load_pool(runs), args.recipe, runs / "lm_rewards.jsonl")
     examples = [e for _, e in rows[: args.batch * args.bench_steps]]
     model, tok = load_causal_lm(resolve_model(args.target), dtype="auto", device="cpu")
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
@@ -370,26 +384,64 @@ def stage_sft_bench(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def instructions_for(pm: Any, program: Any, dev: list[Any]) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The rendered query and cleaned instruction the compiled ``program`` gets per dev question (``""``: abstains).
+
+    Asks ``pm`` exactly as :meth:`QueryAwarePredict.query_instruction` does (same request, greedy, same token
+    budget), all questions concurrently; returns the instructions and the prompt model's wall time and tokens.
+    """
+    from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.compiled.program import clean_instruction, query_aware_predictors
+
+    [(_, qp)] = query_aware_predictors(program)
+    requests = [qp.build_request(qp.signature, {"question": ex.question}) for ex in dev]
+    before = pm.instruction_stats.snapshot() if hasattr(pm, "instruction_stats") else {}
+    t0 = time.perf_counter()
+    raw = pm.generate(requests, temperature=0.0, n=1, max_new_tokens=DEFAULT_MAX_INSTRUCTION_TOKENS)
+    wall = time.perf_counter() - t0
+    after = pm.instruction_stats.snapshot() if hasattr(pm, "instruction_stats") else {}
+    usage = {k: after.get(k, 0) - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "hit_cap")}
+    return ([r.query for r in requests], [clean_instruction(r[0]) for r in raw],
+            {"wall_s": round(wall, 1), "questions": len(requests), **usage})
+
+
+#: One record per evaluated cell, per split. The test file is written only by ``eval --split test`` for the
+#: configuration that led zero-shot on dev by >= 3 points (the issue's rule), and for zero-shot next to it.
+CELLS_FILE = {"dev": "cells.jsonl", "test": "cells-test.jsonl"}
+
+
 def stage_eval(args: argparse.Namespace, stack: Any) -> None:
-    """Zero-shot and each adapter on the first ``--n`` dev questions; one record per cell in ``cells.jsonl``."""
+    """Zero-shot and each adapter on the first ``--n`` dev questions; one record per cell in ``cells.jsonl``.
+
+    An adapter cell runs in two steps. (1) The trained prompt model writes each dev question's instruction
+    (greedy, as the compiled program asks for it). (2) The target answers the questions that got an instruction,
+    through the query-aware program fed those instructions. Where the prompt model abstained, the compiled
+    program runs the student's predictor unchanged, byte for byte the zero-shot prompt: that row is the
+    zero-shot cell's row of the same session (``reused_zeroshot``), not a second greedy run of the same prompt
+    whose only difference would be vLLM's batch-order noise. Zero-shot therefore has to run first.
+    """
     import dspy
 
     from benchmarks.ablation_study import _evaluate
     from trprompt_dspy.apps.programs import load_program
     from trprompt_dspy.backends.prompt_model.base import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
     from trprompt_dspy.backends.prompt_model.pinned import PinnedPromptModel
     from trprompt_dspy.compiled.program import install_query_aware
     from trprompt_dspy.models.dtype import cpu_info
+    from trprompt_dspy.optimizer import DEFAULT_INITIAL_REWARD
     from trprompt_dspy.tasks.datasets import load_fixed_split
     from trprompt_dspy.tasks.metrics import get_metric
 
     runs = Path(args.runs)
-    cells_path = runs / "cells.jsonl"
-    done = {c["cell"] for c in read_jsonl(cells_path)}
-    dev = load_fixed_split(DATASET, "dev", limit=args.n)
+    split = getattr(args, "split", "dev")
+    cells_path = runs / CELLS_FILE[split]
+    dev = load_fixed_split(DATASET, split, limit=args.n)
     metric = get_metric(DATASET)
     lm, pm = stack.target_lm, stack.prompt_model
+    generation = {"temperature": 0.0, "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS}
     for cell in args.cells:
+        done = {c["cell"]: c for c in read_jsonl(cells_path)}
         if cell in done:
             continue
         t0 = time.perf_counter()
@@ -397,16 +449,32 @@ def stage_eval(args: argparse.Namespace, stack: Any) -> None:
             if cell == "zeroshot":
                 rec = _evaluate(load_program(PROGRAM), dev, metric, lm, stack.num_threads)
             else:
+                if "zeroshot" not in done:
+                    raise SystemExit("run the zeroshot cell first (adapter cells reuse its rows where they abstain)")
+                zs = {r["idx"]: r for r in done["zeroshot"]["rows"]}
                 folder = runs / cell
                 info = json.loads((folder / "scale_info.json").read_text())
                 pm.load_adapter(str(folder))
-                program = install_query_aware(
-                    load_program(PROGRAM), prompt_model=PinnedPromptModel(pm, str(folder)),
-                    optimal_reward=trace_t_star(),
-                    generation={"temperature": 0.0, "max_new_tokens": DEFAULT_MAX_INSTRUCTION_TOKENS})
-                rec = _evaluate(program, dev, metric, lm, stack.num_threads)
-                rec["train"] = info
-                rec["abstained"] = sum(1 for r in rec["rows"] if not r.get("instruction"))
+                pinned = PinnedPromptModel(pm, str(folder))
+                t_star = DEFAULT_INITIAL_REWARD if info["recipe"] == "critique" else trace_t_star()
+                program = install_query_aware(load_program(PROGRAM), prompt_model=pinned,
+                                              optimal_reward=t_star, generation=generation)
+                queries, instructions, pm_usage = instructions_for(pinned, program, dev)
+                by_query = {q: ins for q, ins in zip(queries, instructions, strict=True) if ins}
+                todo = [ex for ex, ins in zip(dev, instructions, strict=True) if ins]
+                fixed = FakePromptModel(lambda req, table=by_query: table[req.query])
+                program = install_query_aware(load_program(PROGRAM), prompt_model=fixed,
+                                              optimal_reward=t_star, generation=generation)
+                rec = _evaluate(program, todo, metric, lm, stack.num_threads) if todo else {
+                    "rows": [], "eval_wall_s": 0.0, "target_calls": 0, "target_prompt_tokens": 0,
+                    "target_completion_tokens": 0}
+                asked = {r["idx"] for r in rec["rows"]}
+                for ex in dev:
+                    if ex.get("idx") not in asked:
+                        rec["rows"].append({**zs[ex.get("idx")], "instruction": "", "reused_zeroshot": True})
+                rec["rows"].sort(key=lambda r: r["idx"])
+                rec.update(train=info, prompt_model=pm_usage, abstained=len(dev) - len(todo),
+                           target_questions_run=len(todo))
         rec.update(cell=cell, cell_wall_s=round(time.perf_counter() - t0, 1), cpu=cpu_info())
         append_jsonl(cells_path, rec)
         logger.info("cell %s: %.1f %% in %.0f s", cell, 100 * sum(r["correct"] for r in rec["rows"]) / len(rec["rows"]),
@@ -443,9 +511,160 @@ def before_rates() -> dict[str, Any]:
             "note": "rollouts include the reward LM's critique of each; SFT includes loading the model"}
 
 
-def stage_report(args: argparse.Namespace) -> None:
+#: The recipe whose nested adapters make the learning curve (trace-built rewards, "no instruction" candidates,
+#: only candidates whose outcome was correct).
+CURVE_RECIPE = "trace-correct"
+
+
+def _pool_seconds(timing: list[dict[str, Any]], queries: int) -> tuple[float, dict[str, int]]:
+    """Wall seconds and target tokens of the pool chunks that cover the first ``queries`` training queries."""
+    wall, tokens = 0.0, {"prompt_tokens": 0, "completion_tokens": 0}
+    for t in timing:
+        if t["queries"][0] < queries:
+            wall += t["wall_s"]
+            for k in tokens:
+                tokens[k] += t[k]
+    return wall, tokens
+
+
+def curve_rows(cells: dict[str, Any], timing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluated adapter, paired against the zero-shot cell of the same session."""
     from benchmarks.ablation_study import compare
 
+    if "zeroshot" not in cells:
+        return []
+    zs = cells["zeroshot"]
+    zs_acc = compare(zs["rows"], zs["rows"])["accuracy"]
+    rows = []
+    for name, c in cells.items():
+        if name == "zeroshot":
+            continue
+        cmp = compare(c["rows"], zs["rows"])
+        n_q = c["train"]["queries"]
+        pool_s, pool_tokens = _pool_seconds(timing, n_q)
+        alone = [t for t in timing if POOL_CHUNK_ALONE.get(t["queries"][0]) is True]
+        rate = 3600 * sum(t["rollouts"] for t in alone) / sum(t["wall_s"] for t in alone) if alone else None
+        rows.append({
+            "cell": name, "recipe": c["train"]["recipe"], "top_layers": c["train"]["top_layers"],
+            "train_queries": n_q, "sft_examples": c["train"]["examples"], "sft_steps": c["train"]["steps"],
+            "dev_n": cmp["n"], "accuracy": cmp["accuracy"], "ci95": cmp["ci95"], "zeroshot_accuracy": zs_acc,
+            "delta_points": cmp["delta_points"], "fixed": cmp["fixed"], "broken": cmp["broken"],
+            "p_value": cmp["mcnemar_p"], "abstention_rate": round(c["abstained"] / cmp["n"], 3),
+            # What a compile on these n queries costs on this machine: the pool's rollouts of those queries
+            # (student + instructed), one SFT pass over their examples (the nested pass's time at the save point),
+            # and the dev evaluation. No reward LM: the rewards are built from the metric's trace.
+            # rollouts: 2 per query (student + instructed) at the rate of the chunks that ran alone;
+            # rollouts_measured: the wall time of the chunks as they ran (the first shared the cores).
+            "wall_s": {"rollouts": round(2 * n_q * 3600 / rate, 1) if rate else None,
+                       "rollouts_measured": round(pool_s, 1), "sft": c["train"]["seconds"],
+                       "eval": c["cell_wall_s"]},
+            "tokens": {"target_rollouts": pool_tokens, "reward_lm": 0,
+                       "target_eval": {"prompt_tokens": c["target_prompt_tokens"],
+                                       "completion_tokens": c["target_completion_tokens"]},
+                       "prompt_model_eval": {k: c.get("prompt_model", {}).get(k) for k in
+                                             ("prompt_tokens", "completion_tokens")}},
+            "target_questions_run": c.get("target_questions_run"),
+            "first_loss": (c["train"]["losses"] or [None])[0], "last_loss": (c["train"]["losses"] or [None])[-1],
+        })
+    return sorted(rows, key=lambda r: (r["recipe"] != CURVE_RECIPE, r["train_queries"]))
+
+
+def split_test_row(runs: Path) -> dict[str, Any] | None:
+    """The test-split comparison (``cells-test.jsonl``): the dev-chosen configuration against zero-shot."""
+    from benchmarks.ablation_study import compare
+
+    cells = {c["cell"]: c for c in read_jsonl(runs / CELLS_FILE["test"])}
+    others = [c for name, c in cells.items() if name != "zeroshot"]
+    if "zeroshot" not in cells or not others:
+        return None
+    c = others[0]
+    cmp = compare(c["rows"], cells["zeroshot"]["rows"])
+    return {"cell": c["cell"], "n": cmp["n"], "accuracy": cmp["accuracy"], "ci95": cmp["ci95"],
+            "zeroshot_accuracy": compare(cells["zeroshot"]["rows"], cells["zeroshot"]["rows"])["accuracy"],
+            "fixed": cmp["fixed"], "broken": cmp["broken"], "p_value": cmp["mcnemar_p"],
+            "abstention_rate": round(c["abstained"] / cmp["n"], 3), "eval_wall_s": c["cell_wall_s"],
+            "zeroshot_eval_wall_s": cells["zeroshot"]["cell_wall_s"]}
+
+
+def slope_per_doubling(cells: dict[str, Any], names: list[str], reps: int = 5000, seed: int = 0) -> dict[str, Any] | None:
+    """Least-squares slope of (accuracy - zero-shot) in points against log2(training queries), with a paired
+    bootstrap over the dev questions (the same resampled questions for every cell and for zero-shot) for its
+    95 % interval.
+
+    Example:
+        >>> rows = lambda bits: [{"idx": i, "correct": b} for i, b in enumerate(bits)]
+        >>> cells = {"zeroshot": {"rows": rows([0, 0, 0, 0])},
+        ...          "a": {"rows": rows([0, 0, 0, 0]), "train": {"queries": 1}},
+        ...          "b": {"rows": rows([1, 0, 0, 0]), "train": {"queries": 2}},
+        ...          "c": {"rows": rows([1, 1, 0, 0]), "train": {"queries": 4}}}
+        >>> slope_per_doubling(cells, ["a", "b", "c"], reps=50)["points"]
+        25.0
+    """
+    import math
+
+    if "zeroshot" not in cells or len(names) < 2:
+        return None
+    zs = {r["idx"]: r["correct"] for r in cells["zeroshot"]["rows"]}
+    idx = sorted(zs)
+    xs = [math.log2(cells[n]["train"]["queries"]) for n in names]
+    ys = [{r["idx"]: r["correct"] for r in cells[n]["rows"]} for n in names]
+    mx = sum(xs) / len(xs)
+    sxx = sum((x - mx) ** 2 for x in xs)
+
+    def slope(sample: list[int]) -> float:
+        base = sum(zs[i] for i in sample)
+        d = [100 * (sum(y[i] for i in sample) - base) / len(sample) for y in ys]
+        md = sum(d) / len(d)
+        return sum((x - mx) * (v - md) for x, v in zip(xs, d, strict=True)) / sxx
+
+    rng = random.Random(seed)
+    boots = sorted(slope([rng.choice(idx) for _ in idx]) for _ in range(reps))
+    return {"points": round(slope(idx), 2), "ci95": [round(boots[int(0.025 * reps)], 2),
+                                                     round(boots[int(0.975 * reps) - 1], 2)],
+            "cells": names, "method": "OLS of (accuracy - zero-shot) on log2(train queries); paired bootstrap "
+                                      f"over dev questions, {reps} resamples"}
+
+
+def plot_curve(s: dict[str, Any], path: Path) -> None:
+    """Accuracy against training queries (log scale), 95 % intervals, zero-shot as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rows = s["curve"]
+    zs = rows[0]["zeroshot_accuracy"]
+    ax.axhline(zs, color="grey", lw=1, label=f"zero-shot CoT ({zs} %)")
+    for recipe, marker in ((CURVE_RECIPE, "o"), *((r, "s") for r in sorted({r["recipe"] for r in rows}) if r != CURVE_RECIPE)):
+        pts = [r for r in rows if r["recipe"] == recipe]
+        if not pts:
+            continue
+        x = [r["train_queries"] for r in pts]
+        y = [r["accuracy"] for r in pts]
+        err = [[r["accuracy"] - r["ci95"][0] for r in pts], [r["ci95"][1] - r["accuracy"] for r in pts]]
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=f"TRPrompt, {recipe} rewards")
+        for r in pts:
+            ax.annotate(f"+{r['fixed']}/-{r['broken']}, abstains {round(100 * r['abstention_rate'])} %",
+                        (r["train_queries"], r["accuracy"]), textcoords="offset points", xytext=(6, 6), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training queries (GSM-Hard train, nested subsets)")
+    ax.set_ylabel(f"accuracy on {rows[0]['dev_n']} GSM-Hard dev questions (%)")
+    ax.set_title(f"{s['target']}, single-base, 2-core CPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+#: Whether each pool chunk (by its first query) had the machine to itself, from the session notes of 2026-12-07.
+#: Chunk 0 shared the 2 cores with the test suite. Chunk 128 was run without other jobs as far as that session
+#: knew, yet at half the rate of chunks 256 and 384 (run alone in the next session, nothing else started): an
+#: unnoticed process probably shared the cores, so its rate is not counted as the "after" figure.
+POOL_CHUNK_ALONE: dict[int, bool | str] = {0: False, 128: "uncertain", 256: True, 384: True}
+
+
+def stage_report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     pool = load_pool(runs)
     timing = read_jsonl(runs / "pool_timing.jsonl")
@@ -458,22 +677,12 @@ def stage_report(args: argparse.Namespace) -> None:
             counts["abstained"] += 1
         else:
             counts[outcome_change(ins, c["student"])] += 1
-    n_roll = sum(t["rollouts"] for t in timing)
-    wall = sum(t["wall_s"] for t in timing)
+    alone = [t for t in timing if POOL_CHUNK_ALONE.get(t["queries"][0]) is True]
+    n_roll = sum(t["rollouts"] for t in alone)
+    wall = sum(t["wall_s"] for t in alone)
     after_sft = read_jsonl(runs / "sft_bench.jsonl")
     cells = {c["cell"]: c for c in read_jsonl(runs / "cells.jsonl")}
-    curve = []
-    if "zeroshot" in cells:
-        for name, c in cells.items():
-            if name == "zeroshot":
-                continue
-            cmp = compare(c["rows"], cells["zeroshot"]["rows"])
-            curve.append({"cell": name, "train_queries": c["train"]["queries"], "sft_examples": c["train"]["examples"],
-                          "dev_n": cmp["n"], "accuracy": cmp["accuracy"], "ci95": cmp["ci95"],
-                          "zeroshot_accuracy": compare(cells["zeroshot"]["rows"], cells["zeroshot"]["rows"])["accuracy"],
-                          "fixed": cmp["fixed"], "broken": cmp["broken"], "p_value": cmp["mcnemar_p"],
-                          "abstention_rate": round(c["abstained"] / cmp["n"], 3), "eval_wall_s": c["eval_wall_s"],
-                          "train_wall_s": c["train"]["seconds"]})
+    curve = curve_rows(cells, timing)
     rates = reward_rates(runs)
     summary = {
         "issue": 24, "dataset": DATASET, "target": args.target, "program": PROGRAM,
@@ -484,16 +693,23 @@ def stage_report(args: argparse.Namespace) -> None:
         "throughput": {"before": before_rates(),
                        "after": {"rollouts": int(n_roll), "wall_s": round(wall, 1),
                                  "rollouts_per_h": round(3600 * n_roll / wall) if wall else None,
-                                 "completion_tokens_per_s": round(sum(t["completion_tokens"] for t in timing) / wall, 1)
+                                 "completion_tokens_per_s": round(sum(t["completion_tokens"] for t in alone) / wall, 1)
                                  if wall else None, "concurrency": timing[0]["concurrency"] if timing else None,
-                                 "note": "student + instructed rollouts side by side; no reward LM (trace-built rewards)",
+                                 "note": "student + instructed rollouts side by side; no reward LM (trace-built rewards); "
+                                         "the chunks that ran alone",
                                  "chunks": [{"queries": t["queries"], "rollouts": t["rollouts"], "wall_s": t["wall_s"],
                                              "rollouts_per_h": round(3600 * t["rollouts"] / t["wall_s"]),
                                              "completion_tokens_per_s": round(t["completion_tokens"] / t["wall_s"], 1),
-                                             "ran_alone": t["queries"][0] >= 128} for t in timing]},
-                       "sft_bench": after_sft[-1] if after_sft else None},
+                                             "ran_alone": POOL_CHUNK_ALONE.get(t["queries"][0])} for t in timing]},
+                       "sft_bench": after_sft[-1] if after_sft else None,
+                       "sft_passes": read_jsonl(runs / "train_timing.jsonl")},
         **rates,
-        "curve": curve, "test": None,
+        "curve": curve, "slope_per_doubling": slope_per_doubling(cells, [r["cell"] for r in curve
+                                                                         if r["recipe"] == CURVE_RECIPE]),
+        "zeroshot": ({k: cells["zeroshot"].get(k) for k in ("eval_wall_s", "target_calls", "target_prompt_tokens",
+                                                           "target_completion_tokens", "target_tok_per_s", "cpu")}
+                     if "zeroshot" in cells else None),
+        "test": split_test_row(runs),
     }
     summary["contradiction_rate"] = {"before": rates["before"]["contradiction_rate"],
                                      "after": rates["after"]["contradiction_rate"], "n": rates["before"]["n"]}
@@ -502,6 +718,8 @@ def stage_report(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (RESULTS / f"{args.out}.md").write_text(render(summary))
+    if curve:
+        plot_curve(summary, RESULTS / f"{args.out}.png")
     logger.info("wrote %s", RESULTS / f"{args.out}.json")
 
 
@@ -524,14 +742,18 @@ def render(s: dict[str, Any]) -> str:
              "| step | before | after |", "| --- | --- | --- |",
              f"| rollouts/hour | {b['rollouts_per_h']} ({b['note'].split(';')[0]}) | {a['rollouts_per_h']} "
              f"({a['concurrency']} concurrent, {a['completion_tokens_per_s']} completion tok/s) |",
-             f"| SFT examples/hour | {b['sft_examples_per_h']} | see the SFT bench below |", "",
-             "Pool chunks (the first shared the 2 cores with the test suite; the second ran alone):", "",
+             f"| SFT examples/hour | {b['sft_examples_per_h']} | "
+             + ("; ".join(f"{x['examples_per_h']} ({x['recipe']}, top {x['top_layers'] or 'all'} layers, "
+                          f"{x['examples']} examples, {x['tokens_per_s']} tokens/s)" for x in t.get("sft_passes") or [])
+                or "see the SFT bench below") + " |", "",
+             "Pool chunks (0-127 shared the 2 cores with the test suite; 128-255 was thought to run alone but ran at "
+             "half the rate of the later chunks, so only 256-511 count for the 'after' figure):", "",
              "| queries | rollouts | wall s | rollouts/hour | completion tok/s | ran alone |",
              "| --- | --- | --- | --- | --- | --- |",
              *(f"| {c['queries'][0]}-{c['queries'][1]} | {c['rollouts']} | {c['wall_s']} | {c['rollouts_per_h']} | "
                f"{c['completion_tokens_per_s']} | {c['ran_alone']} |" for c in a["chunks"]), "",
-             f"Before: {b['source']} (cells {', '.join(sorted(set(b['cells'])))}). After: the pool's chunks "
-             "(`pool_timing` in the json; the first chunk shared the machine with the test suite).", ""]
+             f"Before: {b['source']} (cells {', '.join(sorted(set(b['cells'])))}). After: the pool's chunks that "
+             "ran alone (`pool_timing` in the json).", ""]
     bench = t.get("sft_bench")
     if bench:
         lines += ["### SFT bench (same examples, batch 4, one pass)", "",
@@ -559,14 +781,44 @@ def render(s: dict[str, Any]) -> str:
               ""]
     lines += ["## Learning curve", ""]
     if s["curve"]:
-        lines += ["| cell | train queries | SFT examples | dev n | acc % | 95 % CI | zero-shot % | fixed | broken | p | "
-                  "abstention |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        z = s["zeroshot"] or {}
+        lines += [f"Dev: the first {s['curve'][0]['dev_n']} fixed GSM-Hard dev questions, greedy, every row paired "
+                  f"against zero-shot CoT run in the same session ({z.get('eval_wall_s')} s, "
+                  f"{z.get('target_completion_tokens')} target completion tokens). Adapters: one LoRA SFT pass "
+                  "(1 epoch, constant learning rate, batch 4, top 4 layers) over the pool's examples in pool order, "
+                  "saved after the first n queries (nested subsets); at inference the prompt model is conditioned "
+                  "on the correct verdict and t*_0, greedy. Where it abstains the compiled program runs the "
+                  "student's prompt unchanged, so those rows are zero-shot's rows. p: exact McNemar against "
+                  "zero-shot.", "",
+                  "| cell | recipe | train queries | SFT examples | acc % | 95 % CI | zero-shot % | fixed | broken | "
+                  "p | abstention | rollouts s | SFT s | eval s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in s["curve"]:
-            lines.append(f"| {r['cell']} | {r['train_queries']} | {r['sft_examples']} | {r['dev_n']} | {r['accuracy']} | "
-                         f"{r['ci95']} | {r['zeroshot_accuracy']} | {r['fixed']} | {r['broken']} | {r['p_value']} | "
-                         f"{r['abstention_rate']} |")
+            w = r["wall_s"]
+            lines.append(f"| {r['cell']} | {r['recipe']} | {r['train_queries']} | {r['sft_examples']} | "
+                         f"{r['accuracy']} | {r['ci95']} | {r['zeroshot_accuracy']} | {r['fixed']} | {r['broken']} | "
+                         f"{r['p_value']} | {r['abstention_rate']} | {w['rollouts']} | {w['sft']} | {w['eval']} |")
+        sl = s.get("slope_per_doubling")
+        if sl:
+            lines += ["", f"Slope per doubling of training queries ({CURVE_RECIPE} cells): {sl['points']} points "
+                      f"(95 % interval {sl['ci95']}; {sl['method']}).", ""]
+        lines += ["Rollouts s: 2 rollouts per training query (student and instructed; target only, no reward LM) "
+                  "at the rate of the pool chunks that ran alone (`wall_s.rollouts_measured` in the json has the "
+                  "chunks' own wall times). SFT s: the nested pass's time when that adapter was saved. Tokens per role "
+                  "are in the json (`curve[].tokens`).", ""]
+        lines += ["Ran alone on the machine: every SFT pass and every dev evaluation (nothing else was started "
+                  "while they ran).", ""]
     else:
         lines.append("Not run yet: no adapter has been evaluated on dev (see the issue's note for the cost).")
+    te = s.get("test")
+    if te:
+        lines += ["", "## Test split (the configuration chosen on dev, run once)", "",
+                  f"The first {te['n']} fixed GSM-Hard **test** indices, {te['cell']} against zero-shot CoT, both run "
+                  "in the same session; p: exact McNemar.", "",
+                  "| cell | n | acc % | 95 % CI | zero-shot % | fixed | broken | p | abstention |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                  f"| {te['cell']} | {te['n']} | {te['accuracy']} | {te['ci95']} | {te['zeroshot_accuracy']} | "
+                  f"{te['fixed']} | {te['broken']} | {te['p_value']} | {te['abstention_rate']} |", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -582,13 +834,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=768)
     parser.add_argument("--threads", type=int, default=32, help="concurrent requests per rollout kind")
     parser.add_argument("--lm-rewards", type=int, default=64, help="instructed rollouts critiqued by the reward LM")
-    parser.add_argument("--recipe", default="trace-correct", choices=["trace", "trace-correct"])
+    parser.add_argument("--recipe", default="trace-correct", choices=["trace", "trace-correct", "critique"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--top-layers", type=int, default=4, help="train LoRA on the top k layers only (0: all)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--bench-steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--n", type=int, default=100, help="first n fixed dev questions")
+    parser.add_argument("--n", type=int, default=100, help="first n fixed questions of --split")
+    parser.add_argument("--split", default="dev", choices=["dev", "test"],
+                        help="test only for a configuration chosen on dev (never tune on it)")
     parser.add_argument("--cells", nargs="+", default=["zeroshot"])
     parser.add_argument("--out", default="scale-gsmhard-qwen1.5b")
     args = parser.parse_args(argv)
