@@ -282,8 +282,10 @@ def stage_train(args: argparse.Namespace) -> None:
         logger.info("all adapters exist under %s", out_root)
         return
     # One pass in pool order (nested subsets: the adapter after n queries has seen exactly their examples).
+    # max_length 2048: one of the 504 critique-recipe examples (a long critique) is over 1024 tokens; none of the
+    # trace recipes' examples is, so for them this changes nothing.
     sft = SFTSettings(num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=args.lr,
-                      group_by_length=False, extra={"train_sampling_strategy": "sequential"})
+                      group_by_length=False, max_length=2048, extra={"train_sampling_strategy": "sequential"})
     lora = LoraSettings(top_layers=args.top_layers or None)
     model, tok = load_causal_lm(resolve_model(args.target), dtype="auto", device="cpu")
     examples = [e for _, e in rows[: max(ends.values())]]
@@ -527,8 +529,16 @@ def _pool_seconds(timing: list[dict[str, Any]], queries: int) -> tuple[float, di
     return wall, tokens
 
 
-def curve_rows(cells: dict[str, Any], timing: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per evaluated adapter, paired against the zero-shot cell of the same session."""
+def curve_rows(cells: dict[str, Any], timing: list[dict[str, Any]],
+               critique_timing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per evaluated adapter, paired against the zero-shot cell of the same session.
+
+    A ``critique`` row also pays for the reward LM: its critiques' wall time and tokens, at the mean per critique
+    of ``critique_timing`` (``lm_rewards_timing.jsonl``) times the training queries.
+    """
+    done = sum(t["critiques"] for t in critique_timing or [])
+    per = ({k: sum(t[k] for t in critique_timing) / done for k in ("wall_s", "prompt_tokens", "completion_tokens")}
+           if done else None)
     from benchmarks.ablation_study import compare
 
     if "zeroshot" not in cells:
@@ -557,13 +567,18 @@ def curve_rows(cells: dict[str, Any], timing: list[dict[str, Any]]) -> list[dict
             # rollouts_measured: the wall time of the chunks as they ran (the first shared the cores).
             "wall_s": {"rollouts": round(2 * n_q * 3600 / rate, 1) if rate else None,
                        "rollouts_measured": round(pool_s, 1), "sft": c["train"]["seconds"],
+                       "reward_lm": round(per["wall_s"] * n_q, 1) if c["train"]["recipe"] == "critique" and per else 0,
                        "eval": c["cell_wall_s"]},
-            "tokens": {"target_rollouts": pool_tokens, "reward_lm": 0,
+            "tokens": {"target_rollouts": pool_tokens,
+                       "reward_lm": ({k: round(per[k] * n_q) for k in ("prompt_tokens", "completion_tokens")}
+                                     if c["train"]["recipe"] == "critique" and per else 0),
                        "target_eval": {"prompt_tokens": c["target_prompt_tokens"],
                                        "completion_tokens": c["target_completion_tokens"]},
                        "prompt_model_eval": {k: c.get("prompt_model", {}).get(k) for k in
                                              ("prompt_tokens", "completion_tokens")}},
             "target_questions_run": c.get("target_questions_run"),
+            # instructions that ended at the prompt model's token cap (DEFAULT_MAX_INSTRUCTION_TOKENS): cut mid-plan
+            "instructions_hit_cap": (c.get("prompt_model") or {}).get("hit_cap"),
             "first_loss": (c["train"]["losses"] or [None])[0], "last_loss": (c["train"]["losses"] or [None])[-1],
         })
     return sorted(rows, key=lambda r: (r["recipe"] != CURVE_RECIPE, r["train_queries"]))
@@ -682,7 +697,7 @@ def stage_report(args: argparse.Namespace) -> None:
     wall = sum(t["wall_s"] for t in alone)
     after_sft = read_jsonl(runs / "sft_bench.jsonl")
     cells = {c["cell"]: c for c in read_jsonl(runs / "cells.jsonl")}
-    curve = curve_rows(cells, timing)
+    curve = curve_rows(cells, timing, read_jsonl(runs / "lm_rewards_timing.jsonl"))
     rates = reward_rates(runs)
     summary = {
         "issue": 24, "dataset": DATASET, "target": args.target, "program": PROGRAM,
@@ -788,16 +803,18 @@ def render(s: dict[str, Any]) -> str:
                   "(1 epoch, constant learning rate, batch 4, top 4 layers) over the pool's examples in pool order, "
                   "saved after the first n queries (nested subsets); at inference the prompt model is conditioned "
                   "on the correct verdict and t*_0, greedy. Where it abstains the compiled program runs the "
-                  "student's prompt unchanged, so those rows are zero-shot's rows. p: exact McNemar against "
-                  "zero-shot.", "",
+                  "student's prompt unchanged, so those rows are zero-shot's rows. The `critique` row is the recipe "
+                  "before issue 24 on the same rollouts: the reward LM's critique alone as each instruction's "
+                  "reward, no \"no instruction\" candidate, conditioned on t*_0 alone (as the compile does for it). "
+                  "p: exact McNemar against zero-shot.", "",
                   "| cell | recipe | train queries | SFT examples | acc % | 95 % CI | zero-shot % | fixed | broken | "
-                  "p | abstention | rollouts s | SFT s | eval s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "p | abstention | rollouts s | reward LM s | SFT s | eval s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in s["curve"]:
             w = r["wall_s"]
             lines.append(f"| {r['cell']} | {r['recipe']} | {r['train_queries']} | {r['sft_examples']} | "
                          f"{r['accuracy']} | {r['ci95']} | {r['zeroshot_accuracy']} | {r['fixed']} | {r['broken']} | "
-                         f"{r['p_value']} | {r['abstention_rate']} | {w['rollouts']} | {w['sft']} | {w['eval']} |")
+                         f"{r['p_value']} | {r['abstention_rate']} | {w['rollouts']} | {w['reward_lm']} | {w['sft']} | {w['eval']} |")
         sl = s.get("slope_per_doubling")
         if sl:
             lines += ["", f"Slope per doubling of training queries ({CURVE_RECIPE} cells): {sl['points']} points "

@@ -46,6 +46,10 @@ DEFAULT_SIGNIFICANCE_LEVEL = 0.05
 #: Loop sizes per ``auto`` level. ``val_size`` caps how many validation examples score each candidate
 #: (the student included). Selection needs enough of them to tell candidates apart: with 24 examples one
 #: example is 4 points, and the 2026-11 demo's selection was noise; 50 resolves 2 points per example.
+#: No preset trains on hundreds of queries, because the learning curve gave no reason to: with the 1.5B on
+#: GSM-Hard, prompt models trained on 128, 256 and 512 queries scored 25-30 % on dev against 25 % for zero-shot,
+#: and the one ahead lost on test (19.5 % vs 27.0 %, p = 0.02); a 512-query compile costs about 55 min of
+#: rollouts and SFT on 2 cores (benchmarks/results/scale-gsmhard-qwen1.5b-2026-12-07.md).
 AUTO_BUDGETS: dict[str, dict[str, int]] = {
     "light": dict(num_iterations=2, queries_per_iteration=12, prompts_per_query=2,
                   textgrad_steps=1, textgrad_batch_size=4, val_size=50),
