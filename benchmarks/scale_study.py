@@ -803,10 +803,13 @@ def render(s: dict[str, Any]) -> str:
                   "(1 epoch, constant learning rate, batch 4, top 4 layers) over the pool's examples in pool order, "
                   "saved after the first n queries (nested subsets); at inference the prompt model is conditioned "
                   "on the correct verdict and t*_0, greedy. Where it abstains the compiled program runs the "
-                  "student's prompt unchanged, so those rows are zero-shot's rows. The `critique` row is the recipe "
-                  "before issue 24 on the same rollouts: the reward LM's critique alone as each instruction's "
-                  "reward, no \"no instruction\" candidate, conditioned on t*_0 alone (as the compile does for it). "
-                  "p: exact McNemar against zero-shot.", "",
+                  "student's prompt unchanged, so those rows are zero-shot's rows. "
+                  + ("The `critique` row is the recipe before issue 24 on the same rollouts: the reward LM's critique "
+                     "alone as each instruction's reward, no \"no instruction\" candidate, conditioned on t*_0 alone "
+                     "(as the compile does for it). " if any(r["recipe"] == "critique" for r in s["curve"]) else
+                     "The recipe before issue 24 (critique rewards, no abstention) on the same rollouts is not "
+                     "evaluated yet. ")
+                  + "p: exact McNemar against zero-shot.", "",
                   "| cell | recipe | train queries | SFT examples | acc % | 95 % CI | zero-shot % | fixed | broken | "
                   "p | abstention | rollouts s | reward LM s | SFT s | eval s |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
