@@ -826,8 +826,8 @@ def render(s: dict[str, Any]) -> str:
                   "at the rate of the pool chunks that ran alone (`wall_s.rollouts_measured` in the json has the "
                   "chunks' own wall times). SFT s: the nested pass's time when that adapter was saved. Tokens per role "
                   "are in the json (`curve[].tokens`).", ""]
-        lines += ["Ran alone on the machine: every SFT pass and every dev evaluation (nothing else was started "
-                  "while they ran).", ""]
+        lines += ["Ran alone on the machine: the SFT passes and evaluations of the rows above (nothing else was "
+                  "started while they ran).", ""]
     else:
         lines.append("Not run yet: no adapter has been evaluated on dev (see the issue's note for the cost).")
     te = s.get("test")
