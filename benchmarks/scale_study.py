@@ -266,6 +266,7 @@ def stage_train(args: argparse.Namespace) -> None:
     from trprompt_dspy.backends.prompt_model.lora_training import _finish_adapter_folder, lora_trainer
     from trprompt_dspy.config import LoraSettings, SFTSettings
     from trprompt_dspy.models import resolve_model
+    from trprompt_dspy.models.dtype import cpu_info
     from trprompt_dspy.models.hf_runtime import load_causal_lm
 
     runs = Path(args.runs)
@@ -301,6 +302,7 @@ def stage_train(args: argparse.Namespace) -> None:
                     (folder / "scale_info.json").write_text(json.dumps({
                         "queries": n, "examples": e, "steps": state.global_step, "recipe": args.recipe,
                         "top_layers": args.top_layers, "seconds": round(time.perf_counter() - t0, 1),
+                        "cpu": cpu_info(), "torch_threads": torch.get_num_threads(), "dtype": str(model.dtype),
                         "losses": [h["loss"] for h in state.log_history if "loss" in h]}))
                     logger.info("saved adapter after %d queries (%d examples, step %d, %.0f s)", n, e,
                                 state.global_step, time.perf_counter() - t0)
@@ -315,7 +317,7 @@ def stage_train(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
-    append_jsonl(runs / "train_timing.jsonl", {"recipe": args.recipe, "top_layers": args.top_layers,
+    append_jsonl(runs / "train_timing.jsonl", {"recipe": args.recipe, "top_layers": args.top_layers, "cpu": cpu_info(),
                                                "examples": len(examples), "tokens": tokens, "wall_s": round(wall, 1),
                                                "examples_per_h": round(3600 * len(examples) / wall),
                                                "tokens_per_s": round(tokens / wall, 1)})
