@@ -547,6 +547,8 @@ def curve_rows(cells: dict[str, Any], timing: list[dict[str, Any]],
         return []
     zs = cells["zeroshot"]
     zs_acc = compare(zs["rows"], zs["rows"])["accuracy"]
+    alone = [t for t in timing if POOL_CHUNK_ALONE.get(t["queries"][0]) is True]
+    rate = 3600 * sum(t["rollouts"] for t in alone) / sum(t["wall_s"] for t in alone) if alone else None
     rows = []
     for name, c in cells.items():
         if name == "zeroshot":
@@ -554,8 +556,6 @@ def curve_rows(cells: dict[str, Any], timing: list[dict[str, Any]],
         cmp = compare(c["rows"], zs["rows"])
         n_q = c["train"]["queries"]
         pool_s, pool_tokens = _pool_seconds(timing, n_q)
-        alone = [t for t in timing if POOL_CHUNK_ALONE.get(t["queries"][0]) is True]
-        rate = 3600 * sum(t["rollouts"] for t in alone) / sum(t["wall_s"] for t in alone) if alone else None
         rows.append({
             "cell": name, "recipe": c["train"]["recipe"], "top_layers": c["train"]["top_layers"],
             "train_queries": n_q, "sft_examples": c["train"]["examples"], "sft_steps": c["train"]["steps"],
