@@ -36,6 +36,9 @@ trprompt       ``TRPromptOptimizer(num_iterations 2, prompts_per_query 2, textgr
                from ``P*(4q + 16 + 3v) + 4q (rewards) + 6 (TextGrad) + 2qP (seed writer)``. Without a
                number, TRPrompt runs ``auto="light"`` (and in ``--budget-calls trprompt`` mode its measured
                calls set N for the others). Once q reaches T, the iterations grow (<= 5).
+trprompt_      TRPrompt sized as ``trprompt``, compiled on the program another contender produced (its demos
+stacked        and instructions kept) instead of the plain student: the *stacked* contender. Which program
+               is the comparison's choice (``compare_optimizers``: the best other contender on the dev set).
 =============  ==========================================================================================
 
 Example:
@@ -46,6 +49,9 @@ Example:
     514
     >>> plan_contender("zeroshot", ctx).predicted_calls
     0
+    >>> native = PlanInput(num_predictors=1, train_size=200, dev_size=50, budget=None, cap=700)
+    >>> plan_contender("mipro", native).settings["auto"], plan_contender("simba", native).settings["max_steps"]
+    ('light', 2)
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +68,18 @@ import dspy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONTENDERS", "CompileInput", "Plan", "PlanInput", "compile_contender", "plan_contender"]
+__all__ = ["CONTENDERS", "TRPROMPT_CONTENDERS", "CompileInput", "Plan", "PlanInput", "compile_contender", "plan_contender"]
 
 #: Contenders in report order.
-CONTENDERS: tuple[str, ...] = ("zeroshot", "labeled", "bootstrap", "copro", "mipro", "simba", "gepa", "trprompt")
+CONTENDERS: tuple[str, ...] = ("zeroshot", "labeled", "bootstrap", "copro", "mipro", "simba", "gepa", "trprompt",
+                                "trprompt_stacked")
+#: Contenders that compile TRPrompt (the rest are the "other" optimizers a stacked TRPrompt can build on).
+TRPROMPT_CONTENDERS = frozenset({"trprompt", "trprompt_stacked"})
 #: Contenders whose result cannot depend on the seed (greedy decoding, no training): run once, reused.
 DETERMINISTIC = frozenset({"zeroshot"})
 LABELS = {"zeroshot": "zero-shot CoT", "labeled": "LabeledFewShot", "bootstrap": "BootstrapFewShot",
-          "copro": "COPRO", "mipro": "MIPROv2", "simba": "SIMBA", "gepa": "GEPA", "trprompt": "TRPrompt"}
+          "copro": "COPRO", "mipro": "MIPROv2", "simba": "SIMBA", "gepa": "GEPA", "trprompt": "TRPrompt",
+          "trprompt_stacked": "TRPrompt stacked"}
 
 _MIPRO_BOOTSTRAP_RUNS_PER_SET = 16
 
@@ -83,6 +93,9 @@ class PlanInput:
     dev_size: int
     budget: int | None
     demos: int = 4
+    #: Native mode only (``budget=None``): a contender whose own preset is predicted to cost more target-LM
+    #: calls than this is sized to it instead, like a numeric budget (SIMBA's defaults on 2 CPU cores).
+    cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,7 @@ def _plan_trprompt(ctx: PlanInput) -> Plan:
 _PLANNERS: dict[str, Callable[[PlanInput], Plan]] = {
     "zeroshot": _plan_zeroshot, "labeled": _plan_labeled, "bootstrap": _plan_bootstrap, "copro": _plan_copro,
     "mipro": _plan_mipro, "simba": _plan_simba, "gepa": _plan_gepa, "trprompt": _plan_trprompt,
+    "trprompt_stacked": _plan_trprompt,
 }
 
 
@@ -265,7 +279,14 @@ def plan_contender(name: str, ctx: PlanInput) -> Plan:
         raise ValueError(f"The program has no predictors (num_predictors={ctx.num_predictors}).")
     if ctx.budget is not None and ctx.budget < 1:
         raise ValueError(f"budget must be a positive number of target-LM calls; got {ctx.budget!r}.")
+    if ctx.cap is not None and ctx.cap < 1:
+        raise ValueError(f"cap must be a positive number of target-LM calls; got {ctx.cap!r}.")
     plan = _PLANNERS[name](ctx)
+    if ctx.budget is None and ctx.cap is not None and (plan.predicted_calls or 0) > ctx.cap:
+        native = plan.predicted_calls
+        capped = _PLANNERS[name](replace(ctx, budget=ctx.cap))
+        return Plan(capped.settings, capped.predicted_calls,
+                    f"native preset predicts {native} calls, over the cap of {ctx.cap}: sized to the cap")
     if ctx.budget is not None and (plan.predicted_calls or 0) > ctx.budget and "over budget" not in plan.note:
         plan = Plan(plan.settings, plan.predicted_calls, f"smallest {name} run; over budget")
     return plan
@@ -292,6 +313,8 @@ class CompileInput:
     prompt_model: Any = "smollm2-135m-instruct"  # preset name or a PromptModel instance
     seed_with_target: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``trprompt_stacked`` only: the other contender's compiled program TRPrompt starts from.
+    base_program: dspy.Module | None = None
 
 
 def _shuffled(items: list[Any], seed: int) -> list[Any]:
@@ -347,7 +370,12 @@ def compile_contender(name: str, plan: Plan, student: dspy.Module, ci: CompileIn
             opt = dspy.GEPA(metric=ci.feedback_metric, reflection_lm=ci.aux, num_threads=ci.num_threads,
                             seed=ci.seed, track_stats=False, log_dir=str(ci.work_dir / "gepa"), **budget)
             return opt.compile(student, trainset=train, valset=_dev(ci, s["val_size"]))
-        if name == "trprompt":
+        if name in TRPROMPT_CONTENDERS:
+            if name == "trprompt_stacked":
+                if ci.base_program is None:
+                    raise ValueError("trprompt_stacked compiles TRPrompt on another contender's program: pass it "
+                                     "as CompileInput(base_program=...).")
+                student = ci.base_program
             from trprompt_dspy.optimizer import TRPromptOptimizer
 
             counts = {k: v for k, v in s.items() if k != "auto"}

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._contenders import CONTENDERS, LABELS
-from trprompt_dspy.apps.stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
+from trprompt_dspy.apps.stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap, wilson
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["summarize", "significance", "markdown_report", "plot_accuracy_vs_calls"]
+__all__ = ["summarize", "significance", "pairwise_tests", "markdown_report", "plot_accuracy_vs_calls"]
 
 
 def _order(name: str) -> int:
@@ -73,8 +73,97 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 eval_wall_s_mean=mean_std([c["eval"]["wall_s"] for c in ok], digits=1)[0],
                 test_size=len(ok[0].get("per_example", [])),
             )
+            row.update(_extra_fields(ok))
         rows.append(row)
     return rows
+
+
+def _per_question(ok: list[dict[str, Any]], phase: str, key: str, pm_key: str | None = None) -> float | None:
+    """Mean over seeds of ``phase``'s ``key`` per evaluated question; ``pm_key`` adds the prompt model's own."""
+    vals = []
+    for c in ok:
+        n = c.get(phase, {}).get("n") or len(c.get("per_example", [])) or 0
+        if not n:
+            return None
+        v = c.get(phase, {}).get("calls", {}).get("total", {}).get(key, 0)
+        pm = (c.get(phase, {}).get("prompt_model") or {}) if pm_key else {}
+        vals.append((v + int(pm.get(pm_key, 0))) / n)
+    return round(sum(vals) / len(vals), 1) if vals else None
+
+
+def _extra_fields(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fields added to a summary row (the earlier ones keep their names): CI, dev score, cost per question.
+
+    ``accuracy_ci95`` is Wilson's interval over every test answer of every seed; ``*_per_question`` are the
+    compiled program's target-LM calls and tokens per test question, plus (``prompt_model_*``) the
+    instructions and tokens of TRPrompt's prompt model, which is served outside the call counter.
+    """
+    k = sum(int(bool(e["correct"])) for c in ok for e in c.get("per_example", []))
+    n = sum(len(c.get("per_example", [])) for c in ok)
+    out: dict[str, Any] = {"accuracy_ci95": [round(x, 4) for x in wilson(k, n)] if n else None}
+    devs = [c["dev"]["accuracy"] for c in ok if isinstance(c.get("dev"), dict)]
+    out["dev_accuracy_mean"] = round(sum(devs) / len(devs), 4) if devs and len(devs) == len(ok) else None
+    out["eval_calls_per_question"] = _per_question(ok, "eval", "calls")
+    out["eval_input_tokens_per_question"] = _per_question(ok, "eval", "input_tokens")
+    out["eval_output_tokens_per_question"] = _per_question(ok, "eval", "output_tokens")
+    pms = [c.get("eval", {}).get("prompt_model") for c in ok]
+    if all(isinstance(p, dict) for p in pms):
+        n_eval = [c["eval"].get("n") or len(c["per_example"]) for c in ok]
+        out["prompt_model_instructions_per_question"] = round(
+            sum(p.get("instructions", 0) / m for p, m in zip(pms, n_eval, strict=True)) / len(ok), 2)
+        out["prompt_model_tokens_per_question"] = round(
+            sum((p.get("prompt_tokens", 0) + p.get("completion_tokens", 0)) / m
+                for p, m in zip(pms, n_eval, strict=True)) / len(ok), 1)
+    bases = sorted({c["stacked_on"]["optimizer"] for c in ok if isinstance(c.get("stacked_on"), dict)})
+    if bases:
+        out["stacked_on"] = bases[0] if len(bases) == 1 else bases
+        out["label"] = f"TRPrompt on {', '.join(LABELS.get(b, b) for b in bases)}"
+    return out
+
+
+def _mcnemar_pair(groups: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str, Any] | None:
+    """Exact McNemar of contender ``a`` against ``b`` over the seeds both finished (``None``: none)."""
+    seeds = sorted({c["seed"] for c in groups[a]} & {c["seed"] for c in groups[b]})
+    if not seeds:
+        return None
+    only_a, only_b = discordant_counts(_outcome_rows(groups[a], seeds), _outcome_rows(groups[b], seeds))
+    return {"other": b, "seeds": seeds, "b": only_a, "c": only_b, "p_value": mcnemar_exact(only_a, only_b)["p_value"]}
+
+
+def pairwise_tests(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per dataset and contender: exact McNemar against zero-shot and against the best *other* contender.
+
+    The best other is the one with the highest mean test accuracy among the rest (ties to the one listed
+    first); only seeds both have finished are paired. Returns
+    ``{dataset: {optimizer: {"vs_zeroshot": {...}, "vs_best_other": {...}}}}`` where each test is
+    ``{"other", "seeds", "b", "c", "p_value"}`` (``b``: questions only this contender got right).
+
+    Example:
+        >>> cells = [dict(dataset="d", optimizer=o, seed=0, status="ok", accuracy=sum(x) / 4,
+        ...               per_example=[{"idx": i, "correct": v} for i, v in enumerate(x)])
+        ...          for o, x in (("zeroshot", [1, 0, 0, 0]), ("mipro", [1, 1, 0, 0]), ("gepa", [1, 1, 1, 1]))]
+        >>> t = pairwise_tests(cells)["d"]
+        >>> t["gepa"]["vs_zeroshot"]["b"], t["gepa"]["vs_best_other"]["other"], t["mipro"]["vs_best_other"]["other"]
+        (3, 'mipro', 'gepa')
+    """
+    out: dict[str, dict[str, Any]] = {}
+    ok = _ok(cells)
+    for dataset in sorted({c["dataset"] for c in ok}):
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for c in ok:
+            if c["dataset"] == dataset:
+                groups[c["optimizer"]].append(c)
+        means = {o: sum(c["accuracy"] for c in g) / len(g) for o, g in groups.items()}
+
+        rows: dict[str, Any] = {}
+        for name in sorted(groups, key=_order):
+            others = sorted((o for o in groups if o != name), key=_order)
+            best = max(others, key=lambda o: means[o]) if others else None
+            vs_zs = name != "zeroshot" and "zeroshot" in groups
+            rows[name] = {"vs_zeroshot": _mcnemar_pair(groups, name, "zeroshot") if vs_zs else None,
+                          "vs_best_other": _mcnemar_pair(groups, name, best) if best else None}
+        out[dataset] = rows
+    return out
 
 
 def _predicted(value: Any) -> str:
@@ -145,8 +234,14 @@ def _one_line(text: object, limit: int) -> str:
     return " ".join(str(text).split())[:limit].replace("|", "\\|")
 
 
+def _p(test: dict[str, Any] | None) -> str:
+    if not test:
+        return "—"
+    return f"{test['p_value']:.3g} ({test['b']}/{test['c']} vs {LABELS.get(test['other'], test['other'])})"
+
+
 def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: dict[str, dict[str, Any]],
-                    plot_name: str | None = None) -> str:
+                    plot_name: str | None = None, pairwise: dict[str, dict[str, Any]] | None = None) -> str:
     """The Markdown summary: run settings, one table per dataset, the significance tests and the plot."""
     lines = [f"# Optimizer comparison: {meta.get('name', '')}", "",
              f"Program `{meta.get('program')}`, target `{meta.get('target')}`"
@@ -174,6 +269,22 @@ def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: d
                 f"| {r['program_calls_mean']:.0f} / {r['aux_calls_mean']:.0f} "
                 f"| {r['input_tokens_mean']:.0f} / {r['output_tokens_mean']:.0f} "
                 f"| {r['compile_wall_s_mean']:.0f} | {r['eval_wall_s_mean']:.0f} |")
+        pw = (pairwise or {}).get(dataset)
+        if pw:
+            lines += ["", "| optimizer | test acc % | 95 % CI | dev acc % | McNemar p vs zero-shot (only this / only other) "
+                          "| McNemar p vs best other | target calls / question | tokens in / out per question "
+                          "| prompt-model tokens / question |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for r in (r for r in rows if r["dataset"] == dataset and r["seeds"]):
+                ci, t = r.get("accuracy_ci95"), pw.get(r["optimizer"], {})
+                pm = r.get("prompt_model_tokens_per_question")
+                lines.append(
+                    f"| {r['label']} | {_pct(r['accuracy_mean'])} | "
+                    + (f"{_pct(ci[0])}–{_pct(ci[1])}" if ci else "—")
+                    + f" | {_pct(r.get('dev_accuracy_mean'))} | {_p(t.get('vs_zeroshot'))} | {_p(t.get('vs_best_other'))} "
+                    f"| {r.get('eval_calls_per_question') if r.get('eval_calls_per_question') is not None else '—'} "
+                    f"| {r.get('eval_input_tokens_per_question') or '—'} / {r.get('eval_output_tokens_per_question') or '—'} "
+                    f"| {'—' if pm is None else pm} |")
         s = sig.get(dataset)
         if s:
             bs, mc = s["bootstrap"], s["mcnemar"]
@@ -204,7 +315,7 @@ def plot_accuracy_vs_calls(rows: Sequence[dict[str, Any]], path: str | Path, tit
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for r in (r for r in done if r["dataset"] == dataset):
             x, y = r["calls_mean"], 100 * r["accuracy_mean"]
-            marker = "*" if r["optimizer"] == "trprompt" else "o"
+            marker = "*" if r["optimizer"].startswith("trprompt") else "o"
             ax.errorbar([x], [y], yerr=[100 * r["accuracy_std"]], xerr=[r["calls_std"]], fmt=marker,
                         markersize=12 if marker == "*" else 7, capsize=3, label=r["label"])
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)

@@ -14,7 +14,20 @@ Budget (``--budget-calls``):
 * ``native``: each optimizer runs its own light preset or DSPy's defaults; calls are only reported.
 
 How each optimizer is sized is in ``benchmarks/_contenders.py``; optimizers that cannot spend the
-budget (zero-shot, LabeledFewShot, BootstrapFewShot) report what they actually used.
+budget (zero-shot, LabeledFewShot, BootstrapFewShot) report what they actually used. In ``native`` mode
+``--cap-calls N`` sizes only the contenders whose own preset is predicted to exceed ``N`` (SIMBA's
+defaults cost thousands of calls) to ``N``, and says so in the cell's plan note.
+
+**Stacked TRPrompt** (``trprompt_stacked``): TRPrompt compiled on the program another contender produced,
+its demos and instructions kept. The base is the finished non-TRPrompt contender of the same dataset and
+seed with the highest *dev* accuracy (``--dev-eval`` evaluates every compiled program on the dev split;
+ties go to the contender listed first, the cheaper one) or the one ``--stack-on`` names; the test split
+never chooses it. Each compiled non-TRPrompt program is saved as DSPy JSON state under
+``<name>.programs/`` so the stacked cell (and a reader) can load it.
+
+**Single-base TRPrompt**: ``--serve PRESET --prompt-model same`` starts one vLLM server with LoRA through
+:class:`~trprompt_dspy.backends.stack.ModelStack`; the target, the optimizers' proposer / reflection /
+reward / TextGrad calls and TRPrompt's prompt model (a LoRA adapter on the same weights) all use it.
 
 Outputs, under ``--results-dir`` (default ``benchmarks/results``): ``<name>.json`` (settings, machine,
 versions, every cell with per-example correctness, summary rows, significance tests), ``<name>.md``
@@ -26,6 +39,11 @@ Examples::
     # tiny smoke run on the in-process HF target (CPU)
     python -m benchmarks.compare_optimizers --dataset gsm8k --test-size 10 --train-size 20 --dev-size 10 \\
         --seeds 0 --optimizers zeroshot labeled bootstrap --out compare-smoke
+    # the 1.5B comparison: one server for every role, single-base TRPrompt, SIMBA capped, stacked TRPrompt
+    python -m benchmarks.compare_optimizers --serve qwen2.5-coder-1.5b-instruct --prompt-model same \\
+        --dataset gsmhard --seeds 0 --train-size 200 --dev-size 50 --test-size 200 --budget-calls native \\
+        --cap-calls 700 --dev-eval --num-threads 32 --max-tokens 768 --resume \\
+        --optimizers zeroshot bootstrap mipro gepa simba trprompt trprompt_stacked --out compare-vllm-qwen1.5b-DATE
     # against a vLLM server (any OpenAI-compatible endpoint)
     python -m benchmarks.compare_optimizers --api-base http://127.0.0.1:8000/v1 \\
         --model Qwen/Qwen2.5-Coder-0.5B-Instruct --dataset gsm8k --dataset gsmhard --dataset math500 --seeds 0 1
@@ -59,12 +77,19 @@ from benchmarks._budget import CallMeter, counting_lm  # noqa: E402
 from benchmarks._contenders import (  # noqa: E402
     CONTENDERS,
     DETERMINISTIC,
+    TRPROMPT_CONTENDERS,
     CompileInput,
     PlanInput,
     compile_contender,
     plan_contender,
 )
-from benchmarks._report import markdown_report, plot_accuracy_vs_calls, significance, summarize  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    markdown_report,
+    pairwise_tests,
+    plot_accuracy_vs_calls,
+    significance,
+    summarize,
+)
 
 logger = logging.getLogger("benchmarks.compare_optimizers")
 
@@ -196,6 +221,19 @@ def evaluate_program(program: dspy.Module, test: list[dspy.Example], metric: Any
     return accuracy, rows
 
 
+def _pm_stats(prompt_model: Any) -> dict[str, int] | None:
+    """The prompt model's instruction counters (``None`` for a name or a backend that keeps none)."""
+    from trprompt_dspy.backends.prompt_model.base import instruction_stats
+
+    return None if isinstance(prompt_model, str) else instruction_stats(prompt_model)
+
+
+def _pm_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    return {k: int(after.get(k, 0)) - int(before.get(k, 0)) for k in after}
+
+
 def _optimizer_stats(compiled: Any) -> dict[str, Any] | None:
     res = getattr(compiled, "detailed_results", None)
     if res is not None and hasattr(res, "to_dict"):
@@ -207,8 +245,14 @@ def _optimizer_stats(compiled: Any) -> dict[str, Any] | None:
 
 def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, data: dict[str, list[dspy.Example]],
              make_program: Any, target_inner: dspy.BaseLM, aux_inner: dspy.BaseLM | None, args: argparse.Namespace,
-             work_dir: Path) -> dict[str, Any]:
-    """Plan, compile and evaluate one (dataset, optimizer, seed); failures are recorded, not raised."""
+             work_dir: Path, base_program: dspy.Module | None = None, program_path: Path | None = None
+             ) -> dict[str, Any]:
+    """Plan, compile and evaluate one (dataset, optimizer, seed); failures are recorded, not raised.
+
+    ``base_program`` is the program a stacked TRPrompt starts from; ``program_path`` is where the compiled
+    program's DSPy state is saved (non-TRPrompt contenders). With ``args.dev_eval`` the compiled program is
+    also scored on the dev split (``cell["dev"]``), which is what picks the stacked contender's base.
+    """
     from trprompt_dspy.tasks.metrics import get_metric
 
     meter = CallMeter()
@@ -218,7 +262,8 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     student = make_program()
     p = len(student.predictors())
     plan = plan_contender(optimizer, PlanInput(num_predictors=p, train_size=len(data["train"]),
-                                               dev_size=len(data["dev"]), budget=budget, demos=args.demos))
+                                               dev_size=len(data["dev"]), budget=budget, demos=args.demos,
+                                               cap=getattr(args, "cap_calls", None) if budget is None else None))
     cell: dict[str, Any] = {"dataset": dataset, "optimizer": optimizer, "seed": seed, "budget": budget,
                             "num_predictors": p, "plan": {"settings": plan.settings, "predicted_calls": plan.predicted_calls,
                                                           "note": plan.note}}
@@ -230,8 +275,11 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     random.seed(seed)
     ci = CompileInput(target=target, aux=aux, metric=metric, feedback_metric=feedback, trainset=data["train"],
                       devset=data["dev"], seed=seed, num_threads=args.num_threads, work_dir=work_dir,
-                      prompt_model=args.prompt_model, seed_with_target=not args.no_seed_with_target,
-                      extra={"copro_temperature": args.copro_temperature})
+                      prompt_model=getattr(args, "prompt_model_instance", None) or args.prompt_model,
+                      seed_with_target=not args.no_seed_with_target,
+                      extra={"copro_temperature": args.copro_temperature},
+                      base_program=None if base_program is None else base_program.deepcopy())
+    pm_before = _pm_stats(ci.prompt_model)
     t0 = time.perf_counter()
     try:
         with meter.phase("compile"):
@@ -243,10 +291,27 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
                     compile={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("compile")})
         return cell
     compile_s = time.perf_counter() - t0
+    if program_path is not None and optimizer not in TRPROMPT_CONTENDERS:
+        try:
+            program_path.parent.mkdir(parents=True, exist_ok=True)
+            compiled.save(str(program_path))
+            cell["program_file"] = program_path.name
+        except Exception as exc:  # noqa: BLE001 - the cell's numbers stand without the saved state
+            logger.warning("[%s | %s | seed %d] could not save the compiled program to %s: %s", dataset, optimizer,
+                           seed, program_path, exc)
+    if getattr(args, "dev_eval", False):
+        t0 = time.perf_counter()
+        with meter.phase("dev"), dspy.context(lm=target):
+            dev_acc, dev_rows = evaluate_program(compiled, data["dev"], metric, args.num_threads)
+        cell["dev"] = {"accuracy": round(dev_acc, 6), "n": len(dev_rows), "wall_s": round(time.perf_counter() - t0, 2),
+                       "calls": meter.summary("dev"), "per_example": [{"idx": r["idx"], "correct": r["correct"]} for r in dev_rows]}
+        logger.info("[%s | %s | seed %d] dev accuracy %.1f%%", dataset, optimizer, seed, 100 * dev_acc)
+    pm_compiled = _pm_stats(ci.prompt_model)
     t0 = time.perf_counter()
     with meter.phase("eval"), dspy.context(lm=target):
         accuracy, rows = evaluate_program(compiled, data["test"], metric, args.num_threads)
     summary = meter.summary("compile")
+    pm_evaluated = _pm_stats(ci.prompt_model)
     counts_aux = aux_inner is None
     cell.update(
         status="ok", accuracy=round(accuracy, 6),
@@ -255,6 +320,10 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
         eval={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("eval"), "n": len(rows)},
         optimizer_stats=_optimizer_stats(compiled), per_example=rows,
     )
+    if optimizer in TRPROMPT_CONTENDERS and pm_before is not None:
+        # The prompt model is served outside the counting wrapper: its own counters (instructions, tokens).
+        cell["compile"]["prompt_model"] = _pm_delta(pm_before, pm_compiled)
+        cell["eval"]["prompt_model"] = _pm_delta(pm_compiled, pm_evaluated)
     logger.info("[%s | %s | seed %d] accuracy %.1f%%, %d compile calls, compile %.0f s", dataset, optimizer, seed,
                 100 * accuracy, cell["budget_calls"], compile_s)
     return cell
@@ -290,6 +359,10 @@ def _fingerprint(args: argparse.Namespace, dataset: str) -> str:
             "api_base": served, "aux": args.reflection_model, "train": args.train_size,
             "dev": args.dev_size, "test": args.test_size, "budget": args.budget_calls, "demos": args.demos,
             "prompt_model": args.prompt_model, "max_tokens": args.max_tokens, "seed_writer": not args.no_seed_with_target}
+    if getattr(args, "cap_calls", None):  # only when set, so that earlier runs keep their fingerprint
+        keys["cap_calls"] = args.cap_calls
+    if getattr(args, "max_model_len", None):
+        keys["max_model_len"] = args.max_model_len
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -340,6 +413,43 @@ def merge_cells(into: Path, sources: list[Path]) -> int:
     return added
 
 
+def choose_stack_base(done: dict[tuple[str, str, int], dict[str, Any]], dataset: str, seed: int,
+                      forced: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The contender a stacked TRPrompt builds on: the highest dev accuracy among the finished others.
+
+    Returns ``(optimizer, stacked_on)`` where ``stacked_on`` records the rule and every candidate's dev
+    accuracy. Ties go to the contender listed first in ``CONTENDERS`` (the cheaper one). ``forced`` names
+    the base instead (it must have finished).
+
+    Raises:
+        LookupError: No finished non-TRPrompt cell (with a dev score, unless forced) for ``dataset``/``seed``.
+
+    Example:
+        >>> done = {("gsmhard", o, 0): {"status": "ok", "dev": {"accuracy": a}, "program_file": f"{o}.json"}
+        ...         for o, a in (("zeroshot", 0.3), ("bootstrap", 0.36), ("mipro", 0.36), ("trprompt", 0.5))}
+        >>> choose_stack_base(done, "gsmhard", 0)[0]
+        'bootstrap'
+    """
+    cands = {opt: c for (d, opt, s), c in done.items()
+             if d == dataset and s == seed and opt not in TRPROMPT_CONTENDERS and c.get("status") == "ok"}
+    scores = {opt: c["dev"]["accuracy"] for opt, c in cands.items() if isinstance(c.get("dev"), dict)}
+    if forced is not None:
+        if forced not in cands:
+            raise LookupError(f"--stack-on {forced}: no finished {forced} cell for {dataset} seed {seed}; run it first "
+                              f"(finished: {', '.join(sorted(cands)) or 'none'}).")
+        choice, rule = forced, "named by --stack-on"
+    else:
+        if not scores:
+            raise LookupError(f"no finished non-TRPrompt cell with a dev score for {dataset} seed {seed}: run the "
+                              "other contenders with --dev-eval first (or name the base with --stack-on).")
+        choice = max(sorted(scores, key=CONTENDERS.index), key=lambda o: scores[o])
+        rule = "highest dev accuracy among the finished non-TRPrompt contenders; ties to the one listed first"
+    if not cands[choice].get("program_file"):
+        raise LookupError(f"the {choice} cell for {dataset} seed {seed} saved no program state; rerun it.")
+    return choice, {"optimizer": choice, "rule": rule, "dev_accuracy": scores.get(choice),
+                    "candidates": dict(sorted(scores.items(), key=lambda kv: CONTENDERS.index(kv[0])))}
+
+
 def _budget_mode(value: str) -> int | str:
     if value in ("trprompt", "native"):
         return value
@@ -353,17 +463,22 @@ def _budget_mode(value: str) -> int | str:
 
 
 def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None = None,
-                   aux_inner: dspy.BaseLM | None = None) -> dict[str, Any]:
+                   aux_inner: dspy.BaseLM | None = None, prompt_model: Any = None) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``<name>.json``, ``<name>.md`` and ``<name>.png``.
 
-    ``target_inner``/``aux_inner`` override the LMs built from the flags (tests pass scripted LMs).
+    ``target_inner``/``aux_inner`` override the LMs built from the flags (tests pass scripted LMs);
+    ``prompt_model`` is a :class:`~trprompt_dspy.backends.prompt_model.base.PromptModel` instance for the
+    TRPrompt contenders instead of ``--prompt-model`` (single-base mode passes the served one).
     """
+    if prompt_model is not None:
+        args.prompt_model_instance = prompt_model
     from trprompt_dspy.apps.programs import load_program
 
     t_start = time.perf_counter()
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     cells_path = results_dir / f"{args.out}.cells.jsonl"
+    programs_dir = results_dir / f"{args.out}.programs"
     if cells_path.exists() and not (args.resume or args.overwrite or args.report_only):
         raise SystemExit(f"{cells_path} exists: pass --resume to continue that run, --overwrite to start again, "
                          f"or a new --out name.")
@@ -413,9 +528,27 @@ def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None
                                 "error": "no budget: the TRPrompt cell of this dataset and seed did not finish"}
                     else:
                         work = Path(args.work_dir) / args.out / f"{dataset}-{opt}-s{seed}"
-                        cell = run_cell(dataset=dataset, optimizer=opt, seed=seed, budget=budget, data=data,
-                                        make_program=lambda: load_program(spec), target_inner=target_inner,
-                                        aux_inner=aux_inner, args=args, work_dir=work)
+                        base_program, stacked_on = None, None
+                        if opt == "trprompt_stacked":
+                            try:
+                                base_name, stacked_on = choose_stack_base(done, dataset, seed, args.stack_on)
+                            except LookupError as exc:
+                                stacked_on = str(exc)
+                            else:
+                                base_program = load_program(spec)
+                                base_program.load(str(programs_dir / done[(dataset, base_name, seed)]["program_file"]))
+                                logger.info("[%s | seed %d] stacking TRPrompt on %s (dev %s)", dataset, seed, base_name,
+                                            stacked_on["dev_accuracy"])
+                        if opt == "trprompt_stacked" and base_program is None:
+                            cell = {"dataset": dataset, "optimizer": opt, "seed": seed, "status": "skipped",
+                                    "error": f"no base program: {stacked_on}"}
+                        else:
+                            cell = run_cell(dataset=dataset, optimizer=opt, seed=seed, budget=budget, data=data,
+                                            make_program=lambda: load_program(spec), target_inner=target_inner,
+                                            aux_inner=aux_inner, args=args, work_dir=work, base_program=base_program,
+                                            program_path=programs_dir / f"{dataset}-{opt}-s{seed}.json")
+                            if stacked_on is not None:
+                                cell["stacked_on"] = stacked_on
                     if key not in done:
                         cell["fingerprint"] = fingerprints[dataset]
                         cell["command"] = "python -m benchmarks.compare_optimizers " + " ".join(args.argv)
@@ -441,12 +574,15 @@ def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall
     results_dir = Path(args.results_dir)
     rows = summarize(cells)
     sig = significance(cells, iterations=args.bootstrap_iterations, seed=0)
+    pairs = pairwise_tests(cells)
     target = getattr(args, "target_lm_name", None) or args.model or args.serve or args.target
     meta = {"name": args.out, "program": _program_spec(args.program), "target": target,
             "api_base": args.api_base, "served_preset": args.serve, "aux_model": args.reflection_model, "budget_counts_aux": not args.reflection_model,
             "train_size": args.train_size, "dev_size": args.dev_size, "test_size": args.test_size, "seeds": args.seeds,
             "datasets": args.dataset, "optimizers": args.optimizers, "budget_mode": args.budget_calls,
             "prompt_model": args.prompt_model, "num_threads": args.num_threads, "max_tokens": args.max_tokens,
+            "cap_calls": getattr(args, "cap_calls", None), "dev_eval": getattr(args, "dev_eval", False),
+            "servers": getattr(args, "servers", None),
             "copro_temperature": getattr(args, "copro_temperature", 1.4),
             "command": "python -m benchmarks.compare_optimizers " + " ".join(args.argv), "wall_s": round(wall_s, 1),
             "cells_wall_s": round(sum(c.get("compile", {}).get("wall_s", 0) + c.get("eval", {}).get("wall_s", 0)
@@ -454,9 +590,9 @@ def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info()}
     png = results_dir / f"{args.out}.png"
     plot_accuracy_vs_calls(rows, png, title=f"{args.out}: accuracy vs target-LM calls")
-    md = markdown_report(meta, rows, sig, plot_name=png.name)
+    md = markdown_report(meta, rows, sig, plot_name=png.name, pairwise=pairs)
     (results_dir / f"{args.out}.md").write_text(md, encoding="utf-8")
-    report = {"meta": meta, "summary": rows, "significance": sig, "cells": cells}
+    report = {"meta": meta, "summary": rows, "significance": sig, "pairwise": pairs, "cells": cells}
     (results_dir / f"{args.out}.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     logger.info("Wrote %s.{json,md,png}", results_dir / args.out)
     return report
@@ -486,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     r.add_argument("--budget-calls", type=_budget_mode, default="trprompt",
                    help="target-LM calls per compile: an int, 'trprompt' (TRPrompt light's measured calls) or 'native'")
+    r.add_argument("--cap-calls", type=int, default=None, metavar="N",
+                   help="native mode: size a contender whose own preset is predicted to exceed N target-LM calls to N")
+    r.add_argument("--dev-eval", action="store_true",
+                   help="also score every compiled program on the dev split (picks the stacked contender's base)")
+    r.add_argument("--stack-on", default=None, metavar="NAME",
+                   help="trprompt_stacked: build on this contender's program instead of the best one on dev")
     r.add_argument("--demos", type=int, default=4, help="labeled demos (LabeledFewShot k, max_labeled_demos)")
     r.add_argument("--num-threads", type=int, default=8)
     r.add_argument("--bootstrap-iterations", type=int, default=10_000)
@@ -497,12 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="model name served at --api-base")
     m.add_argument("--serve", default=None, metavar="PRESET",
                    help="start a vLLM server for this preset / folder for the run (sets --api-base and --model)")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="--serve: the server's context length (default: VLLMServer's 2048); demos need more")
     m.add_argument("--api-key", default="EMPTY")
     m.add_argument("--max-tokens", type=int, default=512)
     m.add_argument("--reflection-model", default=None,
                    help="separate proposer/reflection/reward model (default: the target model itself)")
     m.add_argument("--reflection-api-base", default=None)
-    m.add_argument("--prompt-model", default="smollm2-135m-instruct", help="TRPrompt's trainable prompt model")
+    m.add_argument("--prompt-model", default="smollm2-135m-instruct",
+                   help="TRPrompt's trainable prompt model; 'same' (with --serve): a LoRA adapter on the served "
+                        "target (single-base mode, one server with LoRA for every role)")
     m.add_argument("--no-seed-with-target", action="store_true",
                    help="TRPrompt: let the untrained prompt model write iteration 0's instructions")
     o = p.add_argument_group("output")
@@ -526,8 +672,20 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--demos must be >= 0; got {args.demos}.")
     if args.serve and (args.api_base or args.model):
         p.error("--serve starts its own server: drop --api-base/--model (or drop --serve to use yours).")
+    if args.max_model_len is not None and (args.max_model_len <= args.max_tokens or not args.serve):
+        p.error(f"--max-model-len sets the context of the server --serve starts and must exceed --max-tokens "
+                f"({args.max_tokens}); got {args.max_model_len}.")
     if args.api_base and not args.model:
         p.error("--api-base needs --model (the name the server serves, e.g. Qwen/Qwen2.5-Coder-0.5B-Instruct).")
+    if args.cap_calls is not None and args.cap_calls < 1:
+        p.error(f"--cap-calls must be >= 1; got {args.cap_calls}.")
+    if args.cap_calls is not None and args.budget_calls != "native":
+        p.error("--cap-calls applies to --budget-calls native only (a numeric budget already sizes every contender).")
+    if args.stack_on is not None and (args.stack_on not in CONTENDERS or args.stack_on in TRPROMPT_CONTENDERS):
+        others = ", ".join(c for c in CONTENDERS if c not in TRPROMPT_CONTENDERS)
+        p.error(f"--stack-on must name a non-TRPrompt contender ({others}); got {args.stack_on!r}.")
+    if args.prompt_model == "same" and not args.serve:
+        p.error("--prompt-model same puts the prompt model on the served target's weights: add --serve PRESET.")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds has duplicates: {args.seeds}.")
 
@@ -545,10 +703,26 @@ def main(argv: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.serve and args.prompt_model == "same" and not args.report_only:
+        from trprompt_dspy.backends.stack import ModelStack
+
+        # One server with LoRA: target, optimizer-side calls and TRPrompt's prompt model (single-base mode).
+        options = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
+        stack = ModelStack(args.serve, prompt_model="same", max_tokens=args.max_tokens, num_threads=args.num_threads,
+                           log_dir=Path(args.work_dir) / args.out / "servers", server_options=options)
+        with stack:
+            info = stack.servers["target"]
+            args.api_base, args.model, args.servers = info["base_url"], args.serve, stack.servers
+            overrides.setdefault("prompt_model", stack.prompt_model)
+            logger.info("Single-base: serving %s with vLLM at %s (LoRA on, started in %.0f s).", args.serve,
+                        args.api_base, info["startup_seconds"])
+            overrides.setdefault("target_inner", stack.target_lm)
+            return run_comparison(args, **overrides)
     if args.serve and not args.report_only:
         from trprompt_dspy.serving import VLLMServer
 
-        with VLLMServer(args.serve) as server:  # stopped (process group and all) on exit, error or Ctrl-C
+        options = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
+        with VLLMServer(args.serve, **options) as server:  # stopped (process group and all) on exit, error or Ctrl-C
             args.api_base, args.model = server.base_url, server.model_name
             logger.info("Serving %s with vLLM at %s (started in %.0f s).", args.serve, args.api_base,
                         server.startup_seconds)

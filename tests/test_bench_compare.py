@@ -359,3 +359,88 @@ def test_report_shows_the_planner_estimate_as_a_range_when_seeds_differ():
     from benchmarks._report import _predicted
 
     assert (_predicted(214), _predicted([231, 229]), _predicted(None)) == ("214", "229–231", "—")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stacked TRPrompt, dev scores, the native-mode cap and the pairwise tests
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_stacked_trprompt_builds_on_the_best_other_program_on_dev(tmp_path):
+    """zero-shot and LabeledFewShot run with --dev-eval; the stacked TRPrompt starts from LabeledFewShot's saved
+    program (it answers every question right on dev, zero-shot half), keeps its demos, and is reported with the
+    pairwise tests and the per-question costs."""
+    from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+
+    lm = scripted_lm(_responder(_gold_by_question()))
+    argv = _argv(tmp_path, "--dev-eval")
+    argv[argv.index("--seeds") + 1: argv.index("--seeds") + 3] = ["0"]
+    argv[argv.index("labeled") + 1: argv.index("labeled") + 1] = ["trprompt_stacked"]
+    pm = FakePromptModel(template="Check the sum twice.")
+    report = main(argv, target_inner=lm, prompt_model=pm)
+    cells = {c["optimizer"]: c for c in report["cells"]}
+    assert cells["zeroshot"]["dev"]["accuracy"] < cells["labeled"]["dev"]["accuracy"] == 1.0
+    stacked = cells["trprompt_stacked"]
+    assert stacked["status"] == "ok", stacked.get("error")
+    assert stacked["stacked_on"]["optimizer"] == "labeled"
+    assert set(stacked["stacked_on"]["candidates"]) == {"zeroshot", "labeled"}
+    programs = tmp_path / "results" / "tiny.programs"
+    assert sorted(p.name for p in programs.iterdir()) == ["gsm8k-labeled-s0.json", "gsm8k-zeroshot-s0.json"]
+    assert json.loads((programs / "gsm8k-labeled-s0.json").read_text())  # DSPy state with the demos
+    assert stacked["accuracy"] == 1.0  # the demos were kept: the responder answers right only with demos
+    assert pm.train_calls  # TRPrompt really trained its prompt model on the stacked program's rollouts
+    rows = {r["optimizer"]: r for r in report["summary"]}
+    assert rows["trprompt_stacked"]["label"] == "TRPrompt on LabeledFewShot"
+    assert rows["labeled"]["eval_calls_per_question"] == 1.0 and rows["labeled"]["accuracy_ci95"][1] == 1.0
+    assert "prompt_model_tokens_per_question" in rows["trprompt_stacked"]
+    pw = report["pairwise"]["gsm8k"]
+    assert pw["labeled"]["vs_zeroshot"]["b"] == 3 and pw["labeled"]["vs_zeroshot"]["c"] == 0
+    assert pw["zeroshot"]["vs_zeroshot"] is None and pw["zeroshot"]["vs_best_other"]["other"] == "labeled"
+    md = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| TRPrompt on LabeledFewShot |" in md and "McNemar p vs zero-shot" in md
+
+
+def test_stacked_trprompt_without_a_dev_score_is_skipped_with_the_reason(tmp_path):
+    from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+
+    argv = _argv(tmp_path)
+    argv[argv.index("--seeds") + 1: argv.index("--seeds") + 3] = ["0"]
+    argv[argv.index("labeled")] = "trprompt_stacked"
+    report = main(argv, target_inner=scripted_lm(_responder(_gold_by_question())), prompt_model=FakePromptModel())
+    [stacked] = [c for c in report["cells"] if c["optimizer"] == "trprompt_stacked"]
+    assert stacked["status"] == "skipped" and "--dev-eval" in stacked["error"]
+
+
+def test_choose_stack_base_rules():
+    from benchmarks.compare_optimizers import choose_stack_base
+
+    done = {("d", "zeroshot", 0): {"status": "ok", "dev": {"accuracy": 0.4}, "program_file": "z.json"},
+            ("d", "gepa", 0): {"status": "ok", "dev": {"accuracy": 0.5}, "program_file": "g.json"},
+            ("d", "mipro", 0): {"status": "ok", "program_file": "m.json"},  # no dev score: not a candidate
+            ("d", "trprompt", 0): {"status": "ok", "dev": {"accuracy": 0.9}}}
+    name, rec = choose_stack_base(done, "d", 0)
+    assert name == "gepa" and rec["candidates"] == {"zeroshot": 0.4, "gepa": 0.5}
+    assert choose_stack_base(done, "d", 0, forced="mipro")[0] == "mipro"
+    with pytest.raises(LookupError, match="no finished simba"):
+        choose_stack_base(done, "d", 0, forced="simba")
+    with pytest.raises(LookupError, match="--dev-eval"):
+        choose_stack_base(done, "d", 1)
+
+
+def test_native_cap_sizes_only_the_presets_over_it():
+    native = PlanInput(num_predictors=1, train_size=200, dev_size=50, budget=None, cap=700)
+    simba = plan_contender("simba", native)
+    assert "over the cap of 700" in simba.note and simba.predicted_calls <= 700
+    mipro = plan_contender("mipro", native)  # the light preset fits under the cap: untouched
+    assert mipro.settings["auto"] == "light" and mipro.note == "auto='light'"
+    with pytest.raises(ValueError, match="cap"):
+        plan_contender("simba", PlanInput(num_predictors=1, train_size=20, dev_size=5, budget=None, cap=0))
+
+
+def test_cli_rejects_bad_stacking_and_cap_flags(tmp_path):
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--stack-on", "trprompt"))
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--cap-calls", "100", "--budget-calls", "50"))
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--prompt-model", "same"))
