@@ -444,3 +444,36 @@ def test_cli_rejects_bad_stacking_and_cap_flags(tmp_path):
         main(_argv(tmp_path, "--cap-calls", "100", "--budget-calls", "50"))
     with pytest.raises(SystemExit):
         main(_argv(tmp_path, "--prompt-model", "same"))
+
+
+def test_single_base_serve_wires_one_stack_into_every_role(tmp_path, monkeypatch):
+    """--serve X --prompt-model same: one ModelStack (LoRA on); its target LM answers, its prompt model is TRPrompt's."""
+    import trprompt_dspy.backends.stack as stack_mod
+    from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+
+    made = []
+
+    class FakeStack:
+        def __init__(self, target, *, prompt_model, max_tokens, num_threads, log_dir, server_options):
+            assert prompt_model == "same" and server_options == {"max_model_len": 4096}
+            self.target_lm = scripted_lm(_responder(_gold_by_question()))
+            self.prompt_model = FakePromptModel()
+            self.servers = {"target": {"model": target, "base_url": "http://127.0.0.1:9/v1", "startup_seconds": 1.0,
+                                       "lora": True}}
+            made.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            made.append("closed")
+
+    monkeypatch.setattr(stack_mod, "ModelStack", FakeStack)
+    argv = _argv(tmp_path, "--serve", "qwen2.5-coder-1.5b-instruct", "--prompt-model", "same", "--max-model-len",
+                 "4096")
+    report = main(argv)
+    assert made[-1] == "closed" and len(made) == 2
+    assert len(made[0].target_lm.engine.calls) == 6 * 3  # the stack's target answered every test question
+    assert report["meta"]["servers"]["target"]["lora"] is True and report["meta"]["prompt_model"] == "same"
+    with pytest.raises(SystemExit):  # the context must leave room for the completion
+        main(_argv(tmp_path, "--serve", "x", "--max-model-len", "256", "--max-tokens", "512"))
