@@ -674,6 +674,10 @@ def plot_curve(s: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+#: What shared the cores with a row's SFT or evaluation, as measured: appended to the report's "ran alone" line.
+SHARED_NOTE = (", except about 20 s of unit tests in the first 5 minutes of the 61-minute critique-recipe SFT "
+               "pass")
+
 #: Whether each pool chunk (by its first query) had the machine to itself, from the session notes of 2026-12-07.
 #: Chunk 0 shared the 2 cores with the test suite. Chunk 128 was run without other jobs as far as that session
 #: knew, yet at half the rate of chunks 256 and 384 (run alone in the next session, nothing else started): an
@@ -829,7 +833,7 @@ def render(s: dict[str, Any]) -> str:
                   "chunks' own wall times). SFT s: the nested pass's time when that adapter was saved. Tokens per role "
                   "are in the json (`curve[].tokens`).", ""]
         lines += ["Ran alone on the machine: the SFT passes and evaluations of the rows above (nothing else was "
-                  "started while they ran).", ""]
+                  f"started while they ran{SHARED_NOTE}).", ""]
     else:
         lines.append("Not run yet: no adapter has been evaluated on dev (see the issue's note for the cost).")
     te = s.get("test")
