@@ -518,6 +518,8 @@ def before_rates() -> dict[str, Any]:
 #: The recipe whose nested adapters make the learning curve (trace-built rewards, "no instruction" candidates,
 #: only candidates whose outcome was correct).
 CURVE_RECIPE = "trace-correct"
+#: The curve's LoRA placement (top 4 of 28 layers); other placements are side rows, not points of the slope.
+CURVE_TOP_LAYERS = 4
 
 
 def _pool_seconds(timing: list[dict[str, Any]], queries: int) -> tuple[float, dict[str, int]]:
@@ -725,8 +727,8 @@ def stage_report(args: argparse.Namespace) -> None:
                        "sft_bench": after_sft[-1] if after_sft else None,
                        "sft_passes": read_jsonl(runs / "train_timing.jsonl")},
         **rates,
-        "curve": curve, "slope_per_doubling": slope_per_doubling(cells, [r["cell"] for r in curve
-                                                                         if r["recipe"] == CURVE_RECIPE]),
+        "curve": curve, "slope_per_doubling": slope_per_doubling(cells, [
+            r["cell"] for r in curve if r["recipe"] == CURVE_RECIPE and r["top_layers"] == CURVE_TOP_LAYERS]),
         "zeroshot": ({k: cells["zeroshot"].get(k) for k in ("eval_wall_s", "target_calls", "target_prompt_tokens",
                                                            "target_completion_tokens", "target_tok_per_s", "cpu")}
                      if "zeroshot" in cells else None),
