@@ -197,7 +197,12 @@ def machine_info() -> dict[str, Any]:
         info["git"] = {"commit": commit or None, "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
-    info["summary"] = (f"{info['processor']}, {info['cpu_count']} CPUs, {info['memory_gb']} GB RAM, "
+    from trprompt_dspy.models.dtype import cpu_info
+
+    info["cpu"] = cpu_info()  # model name and the AVX/AMX flags: bf16 speed differs 4x between machines of one kind
+    bf16 = "native bf16" if info["cpu"].get("native_bf16") else "no native bf16"
+    info["summary"] = (f"{info['cpu'].get('model') or info['processor']} ({bf16}), {info['cpu_count']} CPUs, "
+                       f"{info['memory_gb']} GB RAM, "
                        f"GPU: {gpu or 'none'}, Python {info['python']}")
     return info
 
@@ -264,7 +269,9 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     plan = plan_contender(optimizer, PlanInput(num_predictors=p, train_size=len(data["train"]),
                                                dev_size=len(data["dev"]), budget=budget, demos=args.demos,
                                                cap=getattr(args, "cap_calls", None) if budget is None else None))
-    cell: dict[str, Any] = {"dataset": dataset, "optimizer": optimizer, "seed": seed, "budget": budget,
+    from trprompt_dspy.models.dtype import cpu_info
+
+    cell: dict[str, Any] = {"dataset": dataset, "optimizer": optimizer, "seed": seed, "budget": budget, "cpu": cpu_info(),
                             "num_predictors": p, "plan": {"settings": plan.settings, "predicted_calls": plan.predicted_calls,
                                                           "note": plan.note}}
     if optimizer == "copro":
