@@ -655,14 +655,17 @@ def plot_curve(s: dict[str, Any], path: Path) -> None:
     rows = s["curve"]
     zs = rows[0]["zeroshot_accuracy"]
     ax.axhline(zs, color="grey", lw=1, label=f"zero-shot CoT ({zs} %)")
-    for recipe, marker in ((CURVE_RECIPE, "o"), *((r, "s") for r in sorted({r["recipe"] for r in rows}) if r != CURVE_RECIPE)):
-        pts = [r for r in rows if r["recipe"] == recipe]
-        if not pts:
-            continue
+    # One series per (recipe, LoRA placement): only the curve's own placement is joined into the curve.
+    series = sorted({(r["recipe"], r["top_layers"]) for r in rows},
+                    key=lambda k: (k != (CURVE_RECIPE, CURVE_TOP_LAYERS), k[0], k[1] or 0))
+    for recipe, top in series:
+        pts = [r for r in rows if r["recipe"] == recipe and r["top_layers"] == top]
         x = [r["train_queries"] for r in pts]
         y = [r["accuracy"] for r in pts]
         err = [[r["accuracy"] - r["ci95"][0] for r in pts], [r["ci95"][1] - r["accuracy"] for r in pts]]
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=f"TRPrompt, {recipe} rewards")
+        marker = "o" if (recipe, top) == (CURVE_RECIPE, CURVE_TOP_LAYERS) else ("s" if top == CURVE_TOP_LAYERS else "D")
+        layers = f"top {top} layers" if top else "every layer"
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=f"TRPrompt, {recipe} rewards, {layers}")
         for r in pts:
             ax.annotate(f"+{r['fixed']}/-{r['broken']}, abstains {round(100 * r['abstention_rate'])} %",
                         (r["train_queries"], r["accuracy"]), textcoords="offset points", xytext=(6, 6), fontsize=7)
@@ -678,7 +681,7 @@ def plot_curve(s: dict[str, Any], path: Path) -> None:
 
 #: What shared the cores with a row's SFT or evaluation, as measured: appended to the report's "ran alone" line.
 SHARED_NOTE = (", except about 20 s of unit tests in the first 5 minutes of the 61-minute critique-recipe SFT "
-               "pass")
+               "pass, and about 15 s of report scripts and unit tests during the every-layer SFT pass")
 
 #: Whether each pool chunk (by its first query) had the machine to itself, from the session notes of 2026-12-07.
 #: Chunk 0 shared the 2 cores with the test suite. Chunk 128 was run without other jobs as far as that session
