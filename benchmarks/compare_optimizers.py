@@ -226,6 +226,13 @@ def evaluate_program(program: dspy.Module, test: list[dspy.Example], metric: Any
     return accuracy, rows
 
 
+def _record_cpu(program_path: Path, cpu: dict[str, Any]) -> None:
+    """Add the CPU the program was compiled on to its saved DSPy state (``metadata.cpu``; ``load`` ignores it)."""
+    state = json.loads(program_path.read_text(encoding="utf-8"))
+    state.setdefault("metadata", {})["cpu"] = cpu
+    program_path.write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
 def _pm_stats(prompt_model: Any) -> dict[str, int] | None:
     """The prompt model's instruction counters (``None`` for a name or a backend that keeps none)."""
     from trprompt_dspy.backends.prompt_model.base import instruction_stats
@@ -302,6 +309,7 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
         try:
             program_path.parent.mkdir(parents=True, exist_ok=True)
             compiled.save(str(program_path))
+            _record_cpu(program_path, cell["cpu"])
             cell["program_file"] = program_path.name
         except Exception as exc:  # noqa: BLE001 - the cell's numbers stand without the saved state
             logger.warning("[%s | %s | seed %d] could not save the compiled program to %s: %s", dataset, optimizer,

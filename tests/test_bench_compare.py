@@ -386,7 +386,8 @@ def test_stacked_trprompt_builds_on_the_best_other_program_on_dev(tmp_path):
     assert set(stacked["stacked_on"]["candidates"]) == {"zeroshot", "labeled"}
     programs = tmp_path / "results" / "tiny.programs"
     assert sorted(p.name for p in programs.iterdir()) == ["gsm8k-labeled-s0.json", "gsm8k-zeroshot-s0.json"]
-    assert json.loads((programs / "gsm8k-labeled-s0.json").read_text())  # DSPy state with the demos
+    saved = json.loads((programs / "gsm8k-labeled-s0.json").read_text())  # DSPy state with the demos
+    assert saved["metadata"]["cpu"]["model"] and "native_bf16" in saved["metadata"]["cpu"]
     assert stacked["accuracy"] == 1.0  # the demos were kept: the responder answers right only with demos
     assert pm.train_calls  # TRPrompt really trained its prompt model on the stacked program's rollouts
     rows = {r["optimizer"]: r for r in report["summary"]}
