@@ -78,16 +78,14 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _per_question(ok: list[dict[str, Any]], phase: str, key: str, pm_key: str | None = None) -> float | None:
-    """Mean over seeds of ``phase``'s ``key`` per evaluated question; ``pm_key`` adds the prompt model's own."""
+def _per_question(ok: list[dict[str, Any]], phase: str, key: str) -> float | None:
+    """Mean over seeds of ``phase``'s counted target-LM ``key`` (calls or tokens) per evaluated question."""
     vals = []
     for c in ok:
         n = c.get(phase, {}).get("n") or len(c.get("per_example", [])) or 0
         if not n:
             return None
-        v = c.get(phase, {}).get("calls", {}).get("total", {}).get(key, 0)
-        pm = (c.get(phase, {}).get("prompt_model") or {}) if pm_key else {}
-        vals.append((v + int(pm.get(pm_key, 0))) / n)
+        vals.append(c.get(phase, {}).get("calls", {}).get("total", {}).get(key, 0) / n)
     return round(sum(vals) / len(vals), 1) if vals else None
 
 
