@@ -267,6 +267,8 @@ def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: d
                 f"| {r['program_calls_mean']:.0f} / {r['aux_calls_mean']:.0f} "
                 f"| {r['input_tokens_mean']:.0f} / {r['output_tokens_mean']:.0f} "
                 f"| {r['compile_wall_s_mean']:.0f} | {r['eval_wall_s_mean']:.0f} |")
+        for row in meta.get("pending") or ():
+            lines.append(f"| {_one_line(row['label'], 80)} | pending: {_one_line(row['reason'], 160)} | 0 | | | | | | |")
         pw = (pairwise or {}).get(dataset)
         if pw:
             lines += ["", "| optimizer | test acc % | 95 % CI | dev acc % | McNemar p vs zero-shot (only this / only other) "

@@ -465,6 +465,14 @@ def choose_stack_base(done: dict[tuple[str, str, int], dict[str, Any]], dataset:
                     "candidates": dict(sorted(scores.items(), key=lambda kv: CONTENDERS.index(kv[0])))}
 
 
+def _pending_row(value: str) -> dict[str, str]:
+    """``--pending 'LABEL=WHY'`` -> ``{"label": LABEL, "reason": WHY}`` (both required)."""
+    label, sep, reason = value.partition("=")
+    if not sep or not label.strip() or not reason.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL=WHY (a row name and why it did not run); got {value!r}.")
+    return {"label": label.strip(), "reason": reason.strip()}
+
+
 def _budget_mode(value: str) -> int | str:
     if value in ("trprompt", "native"):
         return value
@@ -599,6 +607,7 @@ def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall
             "cap_calls": getattr(args, "cap_calls", None), "dev_eval": getattr(args, "dev_eval", False),
             "servers": getattr(args, "servers", None),
             "copro_temperature": getattr(args, "copro_temperature", 1.4),
+            "pending": list(getattr(args, "pending", None) or []),
             "command": "python -m benchmarks.compare_optimizers " + " ".join(args.argv), "wall_s": round(wall_s, 1),
             "cells_wall_s": round(sum(c.get("compile", {}).get("wall_s", 0) + c.get("eval", {}).get("wall_s", 0)
                                       for c in cells if c.get("reused_from_seed") is None), 1),
@@ -673,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true", help="skip the cells already in <out>.cells.jsonl")
     o.add_argument("--overwrite", action="store_true", help="discard an existing <out>.cells.jsonl")
     o.add_argument("--report-only", action="store_true", help="only rebuild json/md/png from <out>.cells.jsonl")
+    o.add_argument("--pending", action="append", default=[], metavar="LABEL=WHY", type=_pending_row,
+                   help="a contender the comparison names but has not run, listed in the report with the reason "
+                        "(repeatable), e.g. 'TRPrompt, best scale-study configuration=none found'")
     o.add_argument("--merge", nargs="+", default=[], metavar="CELLS_JSONL",
                    help="first append the cells of other runs (their .cells.jsonl) to <out>.cells.jsonl")
     p.add_argument("-v", "--verbose", action="store_true")

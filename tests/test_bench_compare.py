@@ -355,6 +355,30 @@ def test_markdown_table_rows_stay_on_one_line_for_multiline_errors():
     assert "AdapterParseError: failed to parse. LM Response: a \\| b" in row and row.endswith("|")
 
 
+def test_pending_rows_are_listed_with_their_reason_and_bad_ones_rejected(tmp_path):
+    """--pending 'LABEL=WHY' puts a not-run contender in the table and the json meta, never in the summary rows."""
+    from benchmarks._report import markdown_report, summarize
+
+    cells = [{"dataset": "gsm8k", "optimizer": "zeroshot", "seed": 0, "status": "ok", "accuracy": 0.5,
+              "budget_calls": 0, "eval": {"wall_s": 1.0},
+              "compile": {"wall_s": 0.0, "calls": {"total": {"input_tokens": 0, "output_tokens": 0}}},
+              "per_example": [{"idx": 0, "correct": 1}, {"idx": 1, "correct": 0}]}]
+    meta = {"name": "t", "pending": [{"label": "TRPrompt | best", "reason": "none found:\nlost on test"}]}
+    md = markdown_report(meta, summarize(cells), {})
+    row = next(line for line in md.splitlines() if line.startswith("| TRPrompt"))
+    assert row.startswith("| TRPrompt \\| best | pending: none found: lost on test |")
+    assert [r["optimizer"] for r in summarize(cells)] == ["zeroshot"]
+
+    lm = scripted_lm(_responder(_gold_by_question()))
+    report = main(_argv(tmp_path, "--seeds", "0", "--optimizers", "zeroshot", "--pending", "Best config = not found"),
+                  target_inner=lm)
+    assert report["meta"]["pending"] == [{"label": "Best config", "reason": "not found"}]
+    assert "| Best config | pending: not found |" in (tmp_path / "results" / "tiny.md").read_text()
+    for bad in ("no-reason", "=why", "label="):
+        with pytest.raises(SystemExit):
+            main(_argv(tmp_path, "--pending", bad))
+
+
 def test_report_shows_the_planner_estimate_as_a_range_when_seeds_differ():
     from benchmarks._report import _predicted
 
