@@ -215,6 +215,25 @@ def test_a_bare_predict_student_becomes_query_aware(tmp_path, lm):
     assert compiled(question="What is 2 + 3?").query_instruction
 
 
+def test_stacking_on_another_optimizers_program_keeps_its_demos_and_instructions(tmp_path, lm):
+    """Compiling a program another optimizer produced (demos + rewritten instructions) adds the per-query
+    instruction on top: the demos and the base instruction still reach the target, the input is untouched."""
+    base = MathCoT()
+    base.cot.predict.demos = [dspy.Example(question="What is 1 + 1?", reasoning="1 plus 1.", answer="2")]
+    base.cot.predict.signature = base.cot.predict.signature.with_instructions("BASE-INSTRUCTION: show the work.")
+    compiled, _, _ = compile_small(tmp_path, program=base)
+    assert compiled.detailed_results.selected == 0  # the trained iteration, not the student
+    leaf = compiled.cot.predict
+    assert isinstance(leaf, QueryAwarePredict) and [d.answer for d in leaf.demos] == ["2"]
+    assert leaf.signature.instructions == "BASE-INSTRUCTION: show the work."  # the stored base is not rewritten
+    pred = compiled(question="What is 20 + 22?")
+    prompt = "\n".join(str(m) for m in lm.engine.calls[-1])
+    assert pred.answer == "42" and "BASE-INSTRUCTION: show the work." in prompt and "What is 1 + 1?" in prompt
+    assert pred.query_instruction in prompt
+    assert prompt.index("BASE-INSTRUCTION") < prompt.index(pred.query_instruction)  # base first, then per query
+    assert len(base.cot.predict.demos) == 1 and type(base.cot.predict) is dspy.Predict  # the base is untouched
+
+
 def test_no_completed_iteration_returns_the_student(tmp_path, lm):
     compiled, pm, _ = compile_small(tmp_path, max_metric_calls=2)  # the baseline alone uses the budget
     assert compiled.detailed_results.best_iteration is None and compiled.detailed_results.iterations == ()
