@@ -112,6 +112,11 @@ def _extra_fields(ok: list[dict[str, Any]]) -> dict[str, Any]:
         out["prompt_model_tokens_per_question"] = round(
             sum((p.get("prompt_tokens", 0) + p.get("completion_tokens", 0)) / m
                 for p, m in zip(pms, n_eval, strict=True)) / len(ok), 1)
+    stats = [c.get("optimizer_stats") for c in ok]
+    if stats and all(isinstance(st, dict) and "selected" in st for st in stats):
+        # what TRPrompt's compile returned (the student or an iteration) and the valset scores behind it, per seed
+        out["selection"] = [{k: st.get(k) for k in ("selected", "baseline_score", "best_score", "best_iteration",
+                                                    "selection_p_value", "val_size")} for st in stats]
     bases = sorted({c["stacked_on"]["optimizer"] for c in ok if isinstance(c.get("stacked_on"), dict)})
     if bases:
         out["stacked_on"] = bases[0] if len(bases) == 1 else bases
@@ -238,6 +243,15 @@ def _p(test: dict[str, Any] | None) -> str:
     return f"{test['p_value']:.3g} ({test['b']}/{test['c']} vs {LABELS.get(test['other'], test['other'])})"
 
 
+def _selection_words(sel: dict[str, Any]) -> str:
+    """One seed's TRPrompt selection in words, e.g. "the student (valset: student 0.360, best iteration 0.400, ...)"."""
+    what = "the student" if sel.get("selected") == "student" else f"iteration {sel.get('selected')}"
+    p = sel.get("selection_p_value")
+    fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    return (f"{what} (valset of {sel.get('val_size')}: student {fmt(sel.get('baseline_score'))}, best iteration "
+            f"{fmt(sel.get('best_score'))}" + ("" if p is None else f", sign-test p = {p:.3g}") + ")")
+
+
 def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: dict[str, dict[str, Any]],
                     plot_name: str | None = None, pairwise: dict[str, dict[str, Any]] | None = None) -> str:
     """The Markdown summary: run settings, one table per dataset, the significance tests and the plot."""
@@ -285,6 +299,8 @@ def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: d
                     f"| {r.get('eval_calls_per_question') if r.get('eval_calls_per_question') is not None else '—'} "
                     f"| {r.get('eval_input_tokens_per_question') or '—'} / {r.get('eval_output_tokens_per_question') or '—'} "
                     f"| {'—' if pm is None else pm} |")
+        for r in (r for r in rows if r["dataset"] == dataset and r.get("selection")):
+            lines += ["", f"{r['label']}: compile returned " + "; ".join(_selection_words(x) for x in r["selection"]) + "."]
         s = sig.get(dataset)
         if s:
             bs, mc = s["bootstrap"], s["mcnemar"]

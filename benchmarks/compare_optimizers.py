@@ -247,11 +247,17 @@ def _pm_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> di
 
 
 def _optimizer_stats(compiled: Any) -> dict[str, Any] | None:
+    """TRPrompt's own record of the compile: calls, selection (what ``compile`` returned and why), iterations."""
     res = getattr(compiled, "detailed_results", None)
     if res is not None and hasattr(res, "to_dict"):
         d = res.to_dict()
-        return {k: d.get(k) for k in ("lm_calls", "lm_tokens", "failures", "best_iteration", "best_score",
-                                      "baseline_score", "seconds", "budget")}
+        out = {k: d.get(k) for k in ("lm_calls", "lm_tokens", "failures", "best_iteration", "best_score",
+                                     "baseline_score", "seconds", "budget", "selected", "selected_score",
+                                     "selection_p_value", "val_size", "instructions")}
+        out["iterations"] = [{k: it.get(k) for k in ("iteration", "val_score", "rollout_score", "num_rollouts",
+                                                     "num_sft_examples", "sft_steps", "abstention_rate", "seconds")}
+                             for it in d.get("iterations") or ()]
+        return out
     return None
 
 

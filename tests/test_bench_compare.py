@@ -423,6 +423,12 @@ def test_stacked_trprompt_builds_on_the_best_other_program_on_dev(tmp_path):
     assert pw["zeroshot"]["vs_zeroshot"] is None and pw["zeroshot"]["vs_best_other"]["other"] == "labeled"
     md = (tmp_path / "results" / "tiny.md").read_text()
     assert "| TRPrompt on LabeledFewShot |" in md and "McNemar p vs zero-shot" in md
+    # what TRPrompt's compile returned, and the valset scores behind it, are in the cell, the row and the table
+    st = stacked["optimizer_stats"]
+    assert st["val_size"] == 4 and [it["iteration"] for it in st["iterations"]] == list(range(len(st["iterations"])))
+    assert st["selected"] == "student" or isinstance(st["selected"], int)
+    assert rows["trprompt_stacked"]["selection"][0]["selected"] == st["selected"]
+    assert f"TRPrompt on LabeledFewShot: compile returned {'the student' if st['selected'] == 'student' else 'iteration'}" in md
 
 
 def test_stacked_trprompt_without_a_dev_score_is_skipped_with_the_reason(tmp_path):
