@@ -85,6 +85,20 @@ def test_sft_settings_build_sftconfig_from_its_own_fields(tmp_path):
         SFTSettings.from_value(["lr", 1])
 
 
+def test_gradient_checkpointing_auto_follows_the_lora_placement(tmp_path):
+    """'auto' checkpoints when every layer is trained (memory) and not for top layers only (it would only cost time)."""
+    def ckpt(settings, **kw):
+        cfg = settings.to_trl(output_dir=str(tmp_path), seed=0, use_cpu=True, bf16_supported=False, **kw)
+        return getattr(cfg, "activation_checkpointing", None) or getattr(cfg, "gradient_checkpointing", False)
+
+    assert SFTSettings().gradient_checkpointing == "auto"
+    assert ckpt(SFTSettings()) is True and ckpt(SFTSettings(), every_layer=False) is False
+    assert ckpt(SFTSettings(gradient_checkpointing=False)) is False
+    assert ckpt(SFTSettings(gradient_checkpointing=True), every_layer=False) is True
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        SFTSettings(gradient_checkpointing="yes")
+
+
 def test_run_directory_resume_and_mismatch(tmp_path):
     run = RunDirectory(tmp_path / "log", fingerprint={"program": "a", "seed": 0})
     assert run.prepare() is False

@@ -122,7 +122,8 @@ def test_a_run_made_before_the_layout_change_resumes_without_new_work(tmp_path):
                             prompts_per_query=1, textgrad_steps=0, textgrad_batch_size=2, val_size=2,
                             significance_level=None,  # 2 / 0 on 2 examples can pass no sign test; this is about resume
                             # the recipe and trainer settings that run was made with
-                            textual_rewards="critique", abstain=False, sft={"max_length": 512, "group_by_length": False})
+                            textual_rewards="critique", abstain=False, sft={"max_length": 512, "group_by_length": False,
+                                                                            "gradient_checkpointing": False})
     compiled = opt.compile(MathCoT(), trainset=addition_examples(6), valset=addition_examples(2, start=40))
     assert (log_dir / "run.json").read_bytes() == (BEFORE / "run.json").read_bytes()  # fingerprint unchanged
     assert pm.train_calls == [] and not [c for c in pm.calls if c.temperature > 0]  # nothing was redone

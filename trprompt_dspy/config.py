@@ -251,6 +251,14 @@ class SFTSettings:
         bf16: ``"auto"`` uses bf16 autocast when the hardware supports it (CPU with AVX512-BF16, CUDA).
         max_length: Tokens per example (prompt and instruction); 1024 since 2026-12-07 (at 512, 5 of 32 GSM-Hard
             examples with their critiques were cut).
+        gradient_checkpointing: Recompute activations in the backward pass instead of keeping them.
+            ``"auto"`` (since 2026-12-07) turns it on when LoRA trains every layer (``LoraSettings.top_layers``
+            is ``None``, the default) and off when it trains only the top layers. In single-base mode the
+            training copy shares the machine with the vLLM server: every-layer LoRA on the 1.5B with batches of
+            long examples (190-word queries) peaked at 18.7 GB without it (the comparison's TRPrompt compile died at its
+            second SFT on a 24 GB machine) and at 0.54x that with it, in 0.93x the time on CPU. With
+            ``top_layers=4`` it saved nothing (0.47x vs 0.46x) and cost time (0.59x vs 0.96x); figures from
+            ``benchmarks/results/sft-memory-qwen1.5b-2026-12-07.json``. ``True`` / ``False`` force it.
         group_by_length: Batch examples of similar length together (``SFTConfig.train_sampling_strategy=
             "group_by_length"``), so little of each batch is padding; ``False``: random order.
         extra: Further ``SFTConfig`` fields, checked against ``SFTConfig``'s own field list.
@@ -273,7 +281,7 @@ class SFTSettings:
     weight_decay: float = 0.0
     logging_steps: int = 1
     bf16: bool | Literal["auto"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     accumulate: bool = True
     group_by_length: bool = True
     min_score: float | None = None
@@ -288,6 +296,8 @@ class SFTSettings:
         if not isinstance(self.per_device_train_batch_size, int) or self.per_device_train_batch_size < 1:
             raise ValueError(f"per_device_train_batch_size must be a positive integer; got "
                              f"{self.per_device_train_batch_size!r}.")
+        if self.gradient_checkpointing != "auto" and not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True, False or 'auto'; got {self.gradient_checkpointing!r}.")
         if "max_seq_length" in self.extra:
             raise ValueError("TRL renamed SFTConfig.max_seq_length to max_length; set SFTSettings(max_length=...).")
 
@@ -295,8 +305,12 @@ class SFTSettings:
     def from_value(cls, value: SFTSettings | dict[str, Any] | None) -> SFTSettings:
         return _from_value(cls, value, "SFT")
 
-    def to_trl(self, *, output_dir: str, seed: int, use_cpu: bool, bf16_supported: bool) -> Any:
-        """Build ``trl.SFTConfig`` from its own fields (imports trl lazily)."""
+    def to_trl(self, *, output_dir: str, seed: int, use_cpu: bool, bf16_supported: bool,
+               every_layer: bool = True) -> Any:
+        """Build ``trl.SFTConfig`` from its own fields (imports trl lazily).
+
+        ``every_layer``: whether the LoRA adapter covers every layer (it decides ``gradient_checkpointing="auto"``).
+        """
         from trprompt_dspy._lazy import require
 
         trl = require("trl", extra="train")
@@ -314,7 +328,7 @@ class SFTSettings:
         # transformers 5 renamed gradient_checkpointing -> activation_checkpointing (old name deprecated).
         fields = {f.name for f in dataclasses.fields(trl.SFTConfig)}
         ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-        kwargs[ckpt] = self.gradient_checkpointing
+        kwargs[ckpt] = every_layer if self.gradient_checkpointing == "auto" else self.gradient_checkpointing
         if "train_sampling_strategy" in fields:  # transformers >= 5; older: group_by_length=True
             kwargs["train_sampling_strategy"] = "group_by_length" if self.group_by_length else "random"
         elif "group_by_length" in fields:  # pragma: no cover - transformers 4.x

@@ -382,7 +382,8 @@ def lora_trainer(model: Any, tokenizer: Any, examples: Sequence[SFTExample], *, 
         if lora.top_layers is not None:
             freeze_lower_layers(peft_model, lora.top_layers)
         args = sft.to_trl(output_dir=str(work), seed=seed, use_cpu=use_cpu,
-                          bf16_supported=bf16_supported("cuda" if not use_cpu else "cpu"))
+                          bf16_supported=bf16_supported("cuda" if not use_cpu else "cpu"),
+                          every_layer=lora.top_layers is None)
         with _quiet_progress_bars():
             trainer = trl.SFTTrainer(model=peft_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                                      processing_class=tokenizer,
