@@ -5,7 +5,7 @@ Why: in single-base mode the training copy of the base weights shares the machin
 cell, 2026-12-07): that SFT held longer examples, and every-layer LoRA keeps the activations of all layers
 for the backward pass. This measures the training process alone, so the server's share has to be added.
 
-Each configuration runs in a fresh subprocess (peak RSS sampled every 0.2 s from ``/proc/self/status``) on
+Each configuration runs in a fresh subprocess (peak RSS: ``ru_maxrss``, ``_profile_compile.peak_rss_mb``) on
 the same synthetic SFT examples (190-word queries by default, batch 4, one epoch). Ratios
 are against every-layer LoRA without checkpointing, measured in the same invocation.
 
@@ -24,27 +24,19 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
-import json, sys, threading, time
+import json, sys, time
+from benchmarks._profile_compile import peak_rss_mb
 from trprompt_dspy.backends.prompt_model.base import InstructionRequest, SFTExample
 from trprompt_dspy.backends.prompt_model.lora_training import train_lora
 from trprompt_dspy.config import LoraSettings, SFTSettings
 folder, words, n, top, gc, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1", sys.argv[6]
-peak = [0]
-def watch():
-    while True:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS"):
-                    peak[0] = max(peak[0], int(line.split()[1]))
-        time.sleep(0.2)
-threading.Thread(target=watch, daemon=True).start()
 ex = [SFTExample(InstructionRequest(predictor="cot.predict", task="question -> reasoning, answer",
                                    query="question: " + " ".join(f"w{i}" for i in range(words)),
                                    reward="The answer was wrong. " * 20), "Compute step by step.") for _ in range(n)]
 t = time.perf_counter()
 r = train_lora(folder, ex, output_dir=out, seed=0, lora=LoraSettings(top_layers=None if top == "all" else int(top)),
                sft=SFTSettings(num_train_epochs=1, gradient_checkpointing=gc))
-print(json.dumps({"wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": peak[0] // 1024, "steps": r.steps}))
+print(json.dumps({"wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": int(peak_rss_mb()), "steps": r.steps}))
 """
 
 
@@ -63,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     for top, gc in (("all", False), ("all", True), ("4", False), ("4", True)):
         work = REPO_ROOT / "runs" / "sft-memory" / f"{top}-gc{int(gc)}"
         proc = subprocess.run([sys.executable, "-c", _CHILD, folder, str(args.words), str(args.examples), top,
-                               "1" if gc else "0", str(work)], capture_output=True, text=True, check=False)
+                               "1" if gc else "0", str(work)], capture_output=True, text=True, check=False,
+                              cwd=REPO_ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"top_layers={top} gradient_checkpointing={gc} failed:\n{proc.stderr[-2000:]}")
         rows.append({"top_layers": top, "gradient_checkpointing": gc, **json.loads(proc.stdout.strip().splitlines()[-1])})
