@@ -117,6 +117,9 @@ def _extra_fields(ok: list[dict[str, Any]]) -> dict[str, Any]:
         # what TRPrompt's compile returned (the student or an iteration) and the valset scores behind it, per seed
         out["selection"] = [{k: st.get(k) for k in ("selected", "baseline_score", "best_score", "best_iteration",
                                                     "selection_p_value", "val_size")} for st in stats]
+    runs = [c.get("compile", {}).get("attempts") for c in ok]
+    if any(runs):  # a TRPrompt compile killed and continued with --resume (benchmarks/_attempts.py)
+        out["compile_attempts"] = [r or [] for r in runs]
     bases = sorted({c["stacked_on"]["optimizer"] for c in ok if isinstance(c.get("stacked_on"), dict)})
     if bases:
         out["stacked_on"] = bases[0] if len(bases) == 1 else bases
@@ -301,6 +304,11 @@ def markdown_report(meta: dict[str, Any], rows: Sequence[dict[str, Any]], sig: d
                     f"| {'—' if pm is None else pm} |")
         for r in (r for r in rows if r["dataset"] == dataset and r.get("selection")):
             lines += ["", f"{r['label']}: compile returned " + "; ".join(_selection_words(x) for x in r["selection"]) + "."]
+        for r in (r for r in rows if r["dataset"] == dataset and r.get("compile_attempts")):
+            lines += ["", f"{r['label']}: compile killed and continued from its checkpoints (`--resume`); calls and "
+                          "compile seconds above add up every attempt: " + "; ".join(
+                              ", ".join(f"{a.get('wall_s', 0):.0f} s / {a.get('calls')} calls on {a.get('cpu')}"
+                                        for a in seed_runs) for seed_runs in r["compile_attempts"]) + "."]
         s = sig.get(dataset)
         if s:
             bs, mc = s["bootstrap"], s["mcnemar"]

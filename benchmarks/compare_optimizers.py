@@ -32,7 +32,8 @@ reward / TextGrad calls and TRPrompt's prompt model (a LoRA adapter on the same 
 Outputs, under ``--results-dir`` (default ``benchmarks/results``): ``<name>.json`` (settings, machine,
 versions, every cell with per-example correctness, summary rows, significance tests), ``<name>.md``
 (tables) and ``<name>.png`` (accuracy vs calls). ``<name>.cells.jsonl`` holds finished cells as they
-complete; ``--resume`` skips them.
+complete; ``--resume`` skips them, and continues a TRPrompt cell whose compile was killed from its checkpoints
+(``benchmarks/_attempts.py``: the calls and wall time of every attempt are added up, each attempt's CPU kept).
 
 Examples::
 
@@ -73,6 +74,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable 
 
 import dspy  # noqa: E402
 
+from benchmarks._attempts import ATTEMPTS_FILE, CompileAttempts  # noqa: E402
 from benchmarks._budget import CallMeter, counting_lm  # noqa: E402
 from benchmarks._contenders import (  # noqa: E402
     CONTENDERS,
@@ -290,7 +292,19 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     if optimizer == "copro":
         cell["plan"]["settings"] = {**plan.settings, "init_temperature": args.copro_temperature}
     logger.info("[%s | %s | seed %d] budget %s, settings %s", dataset, optimizer, seed, budget, plan.settings)
-    if work_dir.exists():  # GEPA and TRPrompt resume from their logs: a rerun must start afresh to count all calls
+    # GEPA and TRPrompt resume from their logs, so a rerun starts afresh to count every call; except a TRPrompt
+    # cell under --resume whose earlier attempts were recorded (benchmarks/_attempts.py): it continues, and the
+    # calls and wall time of every attempt are added up.
+    attempts = None
+    if optimizer in TRPROMPT_CONTENDERS:
+        if work_dir.exists() and not (getattr(args, "resume", False) and (work_dir / ATTEMPTS_FILE).exists()):
+            shutil.rmtree(work_dir)  # a fresh run, or one left by a harness that did not record its attempts
+        attempts = CompileAttempts(work_dir, meter, cpu=cell["cpu"])
+        if attempts.prior:
+            logger.info("[%s | %s | seed %d] continuing from the checkpoints of %d earlier attempt(s) (%.0f s, "
+                        "%d target calls so far)", dataset, optimizer, seed, len(attempts.prior),
+                        attempts.total_wall_s(0.0), attempts.total_calls().get("target", {}).get("calls", 0))
+    elif work_dir.exists():
         shutil.rmtree(work_dir)
     random.seed(seed)
     ci = CompileInput(target=target, aux=aux, metric=metric, feedback_metric=feedback, trainset=data["train"],
@@ -301,16 +315,29 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
                       base_program=None if base_program is None else base_program.deepcopy())
     pm_before = _pm_stats(ci.prompt_model)
     t0 = time.perf_counter()
+    if attempts is not None:
+        attempts.start()
     try:
         with meter.phase("compile"):
             compiled = compile_contender(optimizer, plan, student, ci)
+    except KeyboardInterrupt:  # stopped by hand (Ctrl-C, SIGINT): record this attempt for --resume, then stop
+        if attempts is not None:
+            attempts.stop(finished=False)
+        raise
     except Exception as exc:  # noqa: BLE001 - one failing optimizer must not end the comparison
         logger.exception("[%s | %s | seed %d] compile failed", dataset, optimizer, seed)
+        wall, calls = round(time.perf_counter() - t0, 2), meter.summary("compile")
+        if attempts is not None:  # the checkpoints stay: a rerun with --resume continues from them
+            attempts.stop(finished=False)
+            wall, calls = attempts.total_wall_s(wall), attempts.total_calls()
         cell.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                    traceback=scrub_paths(traceback.format_exc())[-4000:],
-                    compile={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("compile")})
+                    traceback=scrub_paths(traceback.format_exc())[-4000:], compile={"wall_s": wall, "calls": calls})
+        if attempts is not None:
+            cell["compile"]["attempts"] = attempts.describe()
         return cell
     compile_s = time.perf_counter() - t0
+    if attempts is not None:
+        attempts.stop(finished=True)
     if program_path is not None and optimizer not in TRPROMPT_CONTENDERS:
         try:
             program_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,19 +358,24 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     t0 = time.perf_counter()
     with meter.phase("eval"), dspy.context(lm=target):
         accuracy, rows = evaluate_program(compiled, data["test"], metric, args.num_threads)
-    summary = meter.summary("compile")
+    summary = meter.summary("compile") if attempts is None else attempts.total_calls()
     pm_evaluated = _pm_stats(ci.prompt_model)
     counts_aux = aux_inner is None
     cell.update(
         status="ok", accuracy=round(accuracy, 6),
         budget_calls=summary["total"]["calls"] if counts_aux else summary["target"]["calls"],
-        compile={"wall_s": round(compile_s, 2), "calls": summary},
+        compile={"wall_s": round(compile_s if attempts is None else attempts.total_wall_s(compile_s), 2),
+                 "calls": summary},
         eval={"wall_s": round(time.perf_counter() - t0, 2), "calls": meter.summary("eval"), "n": len(rows)},
         optimizer_stats=_optimizer_stats(compiled), per_example=rows,
     )
+    if attempts is not None and attempts.prior:  # a continued compile: what each attempt spent, on which CPU
+        cell["compile"]["attempts"] = attempts.describe()
     if optimizer in TRPROMPT_CONTENDERS and pm_before is not None:
         # The prompt model is served outside the counting wrapper: its own counters (instructions, tokens).
         cell["compile"]["prompt_model"] = _pm_delta(pm_before, pm_compiled)
+        if attempts is not None and attempts.prior:
+            cell["compile"]["prompt_model_scope"] = "the last attempt only (the prompt model's counters live in memory)"
         cell["eval"]["prompt_model"] = _pm_delta(pm_compiled, pm_evaluated)
     logger.info("[%s | %s | seed %d] accuracy %.1f%%, %d compile calls, compile %.0f s", dataset, optimizer, seed,
                 100 * accuracy, cell["budget_calls"], compile_s)
@@ -685,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default=None, help="result name (default compare-<UTC date>)")
     o.add_argument("--results-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     o.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "bench"), help="optimizer logs/checkpoints")
-    o.add_argument("--resume", action="store_true", help="skip the cells already in <out>.cells.jsonl")
+    o.add_argument("--resume", action="store_true", help="skip the cells already in <out>.cells.jsonl; continue a killed TRPrompt compile from "
+                        "its checkpoints (the calls and wall time of every attempt are added up)")
     o.add_argument("--overwrite", action="store_true", help="discard an existing <out>.cells.jsonl")
     o.add_argument("--report-only", action="store_true", help="only rebuild json/md/png from <out>.cells.jsonl")
     o.add_argument("--pending", action="append", default=[], metavar="LABEL=WHY", type=_pending_row,

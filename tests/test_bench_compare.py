@@ -508,3 +508,49 @@ def test_single_base_serve_wires_one_stack_into_every_role(tmp_path, monkeypatch
     assert report["meta"]["servers"]["target"]["lora"] is True and report["meta"]["prompt_model"] == "same"
     with pytest.raises(SystemExit):  # the context must leave room for the completion
         main(_argv(tmp_path, "--serve", "x", "--max-model-len", "256", "--max-tokens", "512"))
+
+
+def test_a_killed_trprompt_compile_continues_under_resume_and_counts_every_attempt(tmp_path):
+    """The first attempt dies at its second fine-tune (like the 1.5B's out-of-memory kill); --resume continues from
+    TRPrompt's checkpoints instead of starting afresh, and the cell reports the calls and wall time of both."""
+    from trprompt_dspy.backends.prompt_model.fake import FakePromptModel
+
+    class DiesAtSecondTrain(FakePromptModel):
+        armed = True
+
+        def train(self, examples, **kw):
+            if self.armed and self.train_calls:
+                raise MemoryError("killed at the second SFT")
+            return super().train(examples, **kw)
+
+    lm = scripted_lm(_responder(_gold_by_question()))
+    argv = _argv(tmp_path)
+    argv[argv.index("--seeds") + 1: argv.index("--seeds") + 3] = ["0"]
+    argv[argv.index("zeroshot"): argv.index("labeled") + 1] = ["trprompt"]
+    pm = DiesAtSecondTrain(template="Check the sum twice.")
+    first = main(argv, target_inner=lm, prompt_model=pm)
+    [cell] = first["cells"]
+    assert cell["status"] == "failed" and "second SFT" in cell["error"]
+    work = tmp_path / "work" / "tiny" / "gsm8k-trprompt-s0"
+    attempts = json.loads((work / "attempts.json").read_text())["attempts"]
+    assert len(attempts) == 1 and attempts[0]["finished"] is False
+    first_calls = len(lm.engine.calls)
+    # every completion of the first attempt is counted (the program's as "target", reward / TextGrad as "aux")
+    assert attempts[0]["calls"]["total"]["calls"] == cell["compile"]["calls"]["total"]["calls"] == first_calls
+    assert (work / "trprompt" / "iter_000" / "adapter").is_dir()  # iteration 0's checkpoint survived the failure
+
+    pm.armed = False
+    second = main([*argv, "--resume"], target_inner=lm, prompt_model=pm)
+    [cell] = [c for c in second["cells"] if c["optimizer"] == "trprompt"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert len(pm.train_calls) == 2  # iteration 0's adapter was reused, not trained again
+    compile_calls = cell["compile"]["calls"]["total"]["calls"]
+    second_attempt = compile_calls - first_calls
+    assert 0 < second_attempt < first_calls  # it did not redo iteration 0's rollouts, baseline and validation
+    assert len(lm.engine.calls) == first_calls + second_attempt + cell["eval"]["calls"]["total"]["calls"]
+    rows = cell["compile"]["attempts"]
+    assert [r["finished"] for r in rows] == [False, True] and rows[0]["calls"] == first_calls and rows[1]["cpu"]
+    assert cell["compile"]["wall_s"] >= rows[0]["wall_s"] + rows[1]["wall_s"] - 0.01
+    assert "last attempt" in cell["compile"]["prompt_model_scope"]
+    md = (tmp_path / "results" / "tiny.md").read_text()
+    assert f"{rows[0]['wall_s']:.0f} s / {first_calls} calls on {rows[0]['cpu']}" in md and "--resume" in md

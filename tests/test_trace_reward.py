@@ -8,6 +8,12 @@ from trprompt_dspy.backends.prompt_model.base import NO_INSTRUCTION, SYSTEM_PROM
 from trprompt_dspy.compiled.program import clean_instruction, compose_instructions
 from trprompt_dspy.loop.rollouts import Rollout
 from trprompt_dspy.loop.sft_data import build_sft_examples
+from trprompt_dspy.loop.student_reference import (
+    apply_trace_rewards,
+    count_against_student,
+    merge_critiques,
+    no_instruction_candidates,
+)
 from trprompt_dspy.loop.trace_reward import (
     change_against_student,
     claims_correct,
@@ -94,3 +100,47 @@ def test_sft_turns_empty_instructions_into_no_instruction_examples_only_with_abs
     assert [e.instruction for e in with_abstain] == [NO_INSTRUCTION]
     assert with_abstain[0].request.reward == cand.reward
     assert len(without) == 0 and without.num_empty == 1
+
+
+def _at(r: Rollout, example: int, sample: int = 0) -> Rollout:
+    r.example_index, r.sample_index = example, sample
+    return r
+
+
+def test_no_instruction_candidates_copy_the_students_run_with_empty_instructions_in_the_last_slot():
+    live = [_at(_r(1.0), 0), _at(_r(0.0), 0, 1), _at(_r(1.0), 1), _at(_r(1.0), 2)]
+    live[0].conditioned_on = "t*"
+    students = {0: _at(_r(0.0, instruction=None), 0),
+                1: _at(_r(0.0, instruction=None, error="boom", error_kind="server_error"), 1),
+                2: _at(_r(0.0, instruction=None, error="cut", error_kind="truncated"), 2)}
+    out = no_instruction_candidates(live, students, slot=2)
+    # one per query (the first instructed run's requests), none where the student's run failed for the server
+    assert [(c.example_index, c.sample_index) for c in out] == [(0, 2), (2, 2)]
+    assert out[0].score == 0.0 and out[0].outputs == {"answer": "41"} and out[0].conditioned_on == "t*"
+    assert [c["instruction"] for c in out[0].instructions] == [""] and out[0].instructions[0]["request"] == REQ
+    assert students[0].sample_index == 0 and students[0].instructions == []  # the cached reference is untouched
+
+
+def test_count_against_student_counts_only_instructed_runs_with_a_reference():
+    students = {0: _at(_r(0.0, instruction=None), 0), 1: _at(_r(1.0, instruction=None), 1)}
+    live = [_at(_r(1.0), 0), _at(_r(0.0), 1), _at(_r(1.0, instruction=""), 1, 1),
+            _at(_r(1.0), 0, 2),  # the "no instruction" slot: not an instructed run
+            _at(_r(1.0), 5)]  # no student reference
+    assert count_against_student(live, students, prompts_per_query=2) == {
+        "fixed": 1, "broke": 1, "kept": 0, "left_wrong": 0, "abstained": 1}
+
+
+def test_trace_rewards_then_critiques_merge_in_place_and_report_failures():
+    students = {0: _at(_r(1.0, instruction=None), 0)}
+    live = [_at(_r(0.0), 0), _at(_r(0.0), 0, 1)]
+    live[0].reward_error, live[0].reward_error_kind = "old", "timeout"
+    apply_trace_rewards(live, students)
+    floor = trace_reward(live[0], students[0])
+    assert [r.reward for r in live] == [floor, floor] and live[0].reward_error is None
+    good, failed = _at(_r(0.0), 0), _at(_r(0.0), 0, 1)
+    good.reward, good.reward_redactions = "Incorrect: it added instead of multiplying; stress the operation.", 1
+    failed.reward, failed.reward_error, failed.reward_error_kind = None, "HTTP 500", "server_error"
+    why, kinds = merge_critiques(live, [good, failed])
+    assert why == {"added": 1, "failed": 1} and kinds == ["server_error"]
+    assert live[0].reward.startswith(floor) and "instead of multiplying" in live[0].reward
+    assert live[0].reward_redactions == 1 and live[1].reward == floor

@@ -26,13 +26,7 @@ from trprompt_dspy.backends.prompt_model.base import PromptModel, SFTExample
 from trprompt_dspy.config import TEXTGRAD_ACCEPTANCE, TEXTUAL_REWARDS, Budget, LoraSettings, SFTSettings
 from trprompt_dspy.results import STUDENT, IterationStats, TRPromptResult
 from trprompt_dspy.runtime.checkpoint import RunDirectory
-from trprompt_dspy.runtime.faults import (
-    CompileError,
-    ErrorBudget,
-    GuardedPromptModel,
-    RetryPolicy,
-    classify_error,
-)
+from trprompt_dspy.runtime.faults import CompileError, ErrorBudget, GuardedPromptModel, RetryPolicy
 from trprompt_dspy.runtime.tracking import CompileTracker
 from trprompt_dspy.runtime.usage import UsageMeter
 
@@ -46,11 +40,6 @@ TEXTGRAD_MAX_TOKENS = 384
 
 #: TextGrad step failures that count against the error budget (rejections such as "leak" do not).
 _TEXTGRAD_FAILURES = frozenset({"missing_tags", "engine", "empty_gradient", "evaluation"})
-#: Smoke-test examples tried before a setup error is reported (one bad reply must not stop the compile).
-_SMOKE_TRIES = 3
-#: Failed program runs that are still outcomes of the prompt (the target's reply could not be parsed or was cut):
-#: with trace-built rewards they are trained on like any other outcome.
-_OUTCOME_ERRORS = frozenset({"parse_error", "truncated"})
 #: Failure kinds of a cached student rollout that are worth another try (a later iteration re-runs it).
 _TRANSIENT = frozenset({"timeout", "server_error", "connection", "rate_limit"})
 
@@ -245,6 +234,7 @@ class TRPromptRun:
     # -- step 1: rollouts + textual rewards ------------------------------------------------------
     def _rollouts(self, k: int, program: dspy.Module, d: Path) -> list[Any]:
         from trprompt_dspy.loop.rollouts import Rollout, run_rollouts
+        from trprompt_dspy.loop.student_reference import OUTCOME_ERRORS, no_instruction_candidates
         from trprompt_dspy.loop.textual_reward import TextualRewardModel
 
         final = d / "rollouts.json"
@@ -293,9 +283,9 @@ class TRPromptRun:
         if self.settings.rewards != "critique":
             # An unparseable or truncated reply is the target's answer to that prompt, an outcome the trace-built
             # reward describes ("cut at its max_tokens"); only failures of the infrastructure stay out.
-            live = [r for r in rollouts if not r.error or r.error_kind in _OUTCOME_ERRORS]
+            live = [r for r in rollouts if not r.error or r.error_kind in OUTCOME_ERRORS]
         if self.settings.abstain:
-            extra = self._no_instruction_candidates(live, students)
+            extra = no_instruction_candidates(live, students, slot=self.budget.prompts_per_query)
             live += extra
             rollouts = sorted([*rollouts, *extra], key=lambda r: r.key)
         self._log_against_student(k, live, students)
@@ -347,73 +337,34 @@ class TRPromptRun:
             cache.update({r.example_index: r for r in fresh})
         return {i: cache[i] for i in indices if i in cache}
 
-    def _no_instruction_candidates(self, live: list[Any], students: dict[int, Any]) -> list[Any]:
-        """One "no instruction" candidate per query: the student's own rollout, scored like the others.
-
-        It takes ``sample_index = prompts_per_query`` (after the sampled instructions) and, for each prompt-model
-        request of the query's first instructed rollout, an empty instruction, so SFT turns it into
-        (query, its reward) -> :data:`~trprompt_dspy.backends.prompt_model.base.NO_INSTRUCTION`. In a
-        multi-predictor program the requests of later predictors are those of that instructed run.
-        """
-        first: dict[int, Any] = {}
-        for r in live:
-            if r.instructions and r.example_index not in first:
-                first[r.example_index] = r
-        out = []
-        for i, r in sorted(first.items()):
-            s = students.get(i)
-            if s is None or (s.error and s.error_kind not in _OUTCOME_ERRORS):
-                continue
-            out.append(dataclasses.replace(
-                s, sample_index=self.budget.prompts_per_query, conditioned_on=r.conditioned_on,
-                instructions=[{**c, "instruction": ""} for c in r.instructions]))
-        return out
-
     def _log_against_student(self, k: int, live: list[Any], students: dict[int, Any]) -> dict[str, int]:
-        """Count, over the instructed rollouts, what the instructions did against the student's own answers."""
-        from trprompt_dspy.loop.trace_reward import outcome_change
+        """Count and log what this iteration's instructions did against the student's own answers."""
+        from trprompt_dspy.loop.student_reference import count_against_student
 
-        counts = dict.fromkeys(("fixed", "broke", "kept", "left_wrong", "abstained"), 0)
-        for r in live:
-            if r.sample_index >= self.budget.prompts_per_query or r.example_index not in students:
-                continue
-            if not any((c.get("instruction") or "").strip() for c in r.instructions):
-                counts["abstained"] += 1
-                continue
-            counts[outcome_change(r, students[r.example_index])] += 1
-        n = sum(counts.values())
+        counts = count_against_student(live, students, prompts_per_query=self.budget.prompts_per_query)
         logger.info("Iteration %d, %d instructed rollouts against the student's own answers: %d fixed, %d broke, "
-                    "%d kept correct, %d left wrong, %d abstained (no instruction).", k, n, counts["fixed"],
-                    counts["broke"], counts["kept"], counts["left_wrong"], counts["abstained"])
+                    "%d kept correct, %d left wrong, %d abstained (no instruction).", k, sum(counts.values()),
+                    counts["fixed"], counts["broke"], counts["kept"], counts["left_wrong"], counts["abstained"])
         self._against_student = counts
         return counts
 
     def _trace_rewards(self, live: list[Any], students: dict[int, Any]) -> None:
         """Trace-built rewards (the floor, no LM); with ``"trace+critique"`` the reward LM's critique is added
         where it agrees with the verdict and says something new (:mod:`trprompt_dspy.loop.trace_reward`)."""
+        from trprompt_dspy.loop.student_reference import apply_trace_rewards, merge_critiques
         from trprompt_dspy.loop.textual_reward import TextualRewardModel
-        from trprompt_dspy.loop.trace_reward import merge_critique, trace_reward
 
-        for r in live:
-            r.reward, r.reward_error, r.reward_error_kind = trace_reward(r, students.get(r.example_index)), None, None
+        apply_trace_rewards(live, students)
         if self.settings.rewards != "trace+critique":
             return
         asked = [dataclasses.replace(r) for r in live if r.sample_index < self.budget.prompts_per_query]
         with self._role("reward"):
             TextualRewardModel(self.reward_lm).score_rollouts(asked, num_threads=self.settings.num_threads,
                                                               retry=self.retry)
-        by_key = {r.key: r for r in live}
-        why: dict[str, int] = {}
-        for c in asked:
-            target = by_key[c.key]
-            if c.reward_error:
-                self.meter.fail("reward_error")
-                self.meter.fail(f"reward_{c.reward_error_kind or 'other'}")
-                why["failed"] = why.get("failed", 0) + 1
-                continue
-            target.reward, w = merge_critique(target.reward or "", c.reward, target)
-            target.reward_redactions = c.reward_redactions
-            why[w] = why.get(w, 0) + 1
+        why, failed = merge_critiques(live, asked)
+        for kind in failed:
+            self.meter.fail("reward_error")
+            self.meter.fail(f"reward_{kind}")
         logger.info("Reward LM critiques: %s (a critique is added to the trace-built reward only when it agrees "
                     "with the metric's verdict and does not just restate the query, answer or gold solution).",
                     ", ".join(f"{n} {w}" for w, n in sorted(why.items())) or "none")
@@ -591,45 +542,11 @@ class TRPromptRun:
         return float(res.score)
 
     def _smoke_test(self) -> None:
-        """Run the student once on trainset[0] and call the metric, so setup errors surface immediately."""
-        from trprompt_dspy.loop.metric_adapter import MetricValueError, metric_name
+        """Student, metric and prompt model once each, so setup errors surface immediately (``preflight.py``)."""
+        from trprompt_dspy.loop.preflight import smoke_test
 
-        errors: list[tuple[int, BaseException]] = []
-        for i, ex in enumerate(self.trainset[:_SMOKE_TRIES]):
-            try:
-                with self._role("target"):
-                    pred = self.retry.call(self.student.deepcopy(), **ex.inputs())
-            except Exception as exc:
-                errors.append((i, exc))
-                continue
-            try:
-                self.metric(ex, pred, None, strict=True)
-            except MetricValueError:
-                raise
-            except Exception as exc:
-                raise ValueError(
-                    f"The metric {metric_name(self.settings.metric)!r} raised {type(exc).__name__}: {exc} on trainset[{i}] "
-                    f"and the program's prediction {dict(pred) if hasattr(pred, 'keys') else pred!r:.300}. A metric "
-                    "must return a score for every prediction: fix it, e.g. return 0.0 when a field is missing."
-                ) from exc
-            break
-        else:
-            i, exc = errors[0]
-            raise CompileError(
-                f"The student program failed on the first {len(errors)} trainset example(s) before optimization "
-                f"started ({classify_error(exc)}): {type(exc).__name__}: {exc}. Fix the program or its LM first."
-            ) from exc
-        from trprompt_dspy.backends.prompt_model.base import InstructionRequest
-
-        probe = InstructionRequest(predictor="probe", task="question -> answer", query="question: 1 + 1?",
-                                   reward=self.t_star)
-        try:
-            self.retry.call(self.pm.generate, [probe], temperature=0.0, n=1, max_new_tokens=4)
-        except Exception as exc:
-            raise CompileError(
-                f"The prompt model {self.pm!r} failed before optimization started ({classify_error(exc)}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        smoke_test(self.student, self.trainset, metric=self.metric, user_metric=self.settings.metric,
+                   prompt_model=self.pm, reward_text=self.t_star, retry=self.retry, role=self._role)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _conditioning(self, t: str) -> str:
