@@ -249,7 +249,9 @@ def _pm_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> di
 
 
 def _optimizer_stats(compiled: Any) -> dict[str, Any] | None:
-    """TRPrompt's own record of the compile: calls, selection (what ``compile`` returned and why), iterations."""
+    """TRPrompt's own record of the compile: calls, selection (what ``compile`` returned and why), iterations
+    (with what each iteration's instructions did against the student's answers and what became of the reward
+    LM's critiques)."""
     res = getattr(compiled, "detailed_results", None)
     if res is not None and hasattr(res, "to_dict"):
         d = res.to_dict()
@@ -257,7 +259,8 @@ def _optimizer_stats(compiled: Any) -> dict[str, Any] | None:
                                      "baseline_score", "seconds", "budget", "selected", "selected_score",
                                      "selection_p_value", "val_size", "instructions")}
         out["iterations"] = [{k: it.get(k) for k in ("iteration", "val_score", "rollout_score", "num_rollouts",
-                                                     "num_sft_examples", "sft_steps", "abstention_rate", "seconds")}
+                                                     "num_sft_examples", "sft_steps", "abstention_rate", "seconds",
+                                                     "against_student", "critiques", "t_star_accepted")}
                              for it in d.get("iterations") or ()]
         return out
     return None

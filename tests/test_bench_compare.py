@@ -426,6 +426,8 @@ def test_stacked_trprompt_builds_on_the_best_other_program_on_dev(tmp_path):
     # what TRPrompt's compile returned, and the valset scores behind it, are in the cell, the row and the table
     st = stacked["optimizer_stats"]
     assert st["val_size"] == 4 and [it["iteration"] for it in st["iterations"]] == list(range(len(st["iterations"])))
+    it0 = st["iterations"][0]  # what the instructions did against the student's answers, per iteration
+    assert sum(it0["against_student"].values()) == it0["num_rollouts"] and isinstance(it0["t_star_accepted"], bool)
     assert st["selected"] == "student" or isinstance(st["selected"], int)
     assert rows["trprompt_stacked"]["selection"][0]["selected"] == st["selected"]
     assert f"TRPrompt on LabeledFewShot: compile returned {'the student' if st['selected'] == 'student' else 'iteration'}" in md
