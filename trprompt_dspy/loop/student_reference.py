@@ -11,13 +11,11 @@ reference runs into what the loop needs, without touching any LM:
 * :func:`apply_trace_rewards` / :func:`merge_critiques` — the trace-built textual rewards
   (:mod:`trprompt_dspy.loop.trace_reward`), optionally with the reward LM's critique added where it agrees.
 
-Example:
+Example (the student answered 41 to "6*7?"; an instruction made it answer 42):
     >>> from trprompt_dspy.loop.rollouts import Rollout
-    >>> student = Rollout(example_index=0, sample_index=0, inputs={"question": "6*7?"}, gold={"answer": "42"},
-    ...                   outputs={"answer": "41"}, score=0.0)
-    >>> r = Rollout(example_index=0, sample_index=0, inputs={"question": "6*7?"}, gold={"answer": "42"},
-    ...             instructions=[{"predictor": "p", "instruction": "Multiply carefully."}],
-    ...             outputs={"answer": "42"}, score=1.0)
+    >>> student = Rollout(0, 0, {"question": "6*7?"}, {"answer": "42"}, outputs={"answer": "41"}, score=0.0)
+    >>> r = dataclasses.replace(student, outputs={"answer": "42"}, score=1.0,
+    ...                         instructions=[{"predictor": "p", "instruction": "Multiply carefully."}])
     >>> count_against_student([r], {0: student}, prompts_per_query=1)["fixed"]
     1
     >>> [c.instructions[0]["instruction"] for c in no_instruction_candidates([r], {0: student}, slot=1)]
