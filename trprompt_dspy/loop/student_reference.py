@@ -18,8 +18,9 @@ Example (the student answered 41 to "6*7?"; an instruction made it answer 42):
     ...                         instructions=[{"predictor": "p", "instruction": "Multiply carefully."}])
     >>> count_against_student([r], {0: student}, prompts_per_query=1)["fixed"]
     1
-    >>> [c.instructions[0]["instruction"] for c in no_instruction_candidates([r], {0: student}, slot=1)]
-    ['']
+    >>> silent = no_instruction_candidates([r], {0: student}, slot=1)[0]
+    >>> silent.sample_index, silent.score, silent.instructions[0].get("instruction")
+    (1, 0.0, '')
 """
 
 from __future__ import annotations
