@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,9 @@ def _ok(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in cells if c.get("status") == "ok"]
 
 
+_CAPPED = re.compile(r"over the cap of (\d+)")
+
+
 def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, optimizer): accuracy mean/std over seeds, mean calls, tokens and wall times."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -55,6 +59,9 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"dataset": dataset, "optimizer": opt, "label": LABELS.get(opt, opt), "seeds": len(ok),
                                "failed": [{"seed": c["seed"], "status": c.get("status"), "error": c.get("error")}
                                           for c in group if c.get("status") != "ok"]}
+        caps = sorted({m.group(1) for c in ok if (m := _CAPPED.search(c.get("plan", {}).get("note") or ""))}, key=int)
+        if caps:  # the preset was over --cap-calls / --cap-calls-for and was sized down: say so in every table
+            row["label"] += f" (capped at {'/'.join(caps)} calls)"
         if ok:
             acc_mean, acc_std = mean_std([c["accuracy"] for c in ok])
             calls_mean, calls_std = mean_std([c.get("budget_calls") or 0 for c in ok], digits=1)

@@ -16,7 +16,9 @@ Budget (``--budget-calls``):
 How each optimizer is sized is in ``benchmarks/_contenders.py``; optimizers that cannot spend the
 budget (zero-shot, LabeledFewShot, BootstrapFewShot) report what they actually used. In ``native`` mode
 ``--cap-calls N`` sizes only the contenders whose own preset is predicted to exceed ``N`` (SIMBA's
-defaults cost thousands of calls) to ``N``, and says so in the cell's plan note.
+defaults cost thousands of calls) to ``N``, and says so in the cell's plan note. ``--cap-calls-for NAME=N``
+caps one contender alone (e.g. ``mipro=400`` when its light preset does not fit the time a machine has left);
+the cell records that cap, and ``--resume`` reruns a finished cell whose recorded cap differs.
 
 **Stacked TRPrompt** (``trprompt_stacked``): TRPrompt compiled on the program another contender produced,
 its demos and instructions kept. The base is the finished non-TRPrompt contender of the same dataset and
@@ -286,12 +288,14 @@ def run_cell(*, dataset: str, optimizer: str, seed: int, budget: int | None, dat
     p = len(student.predictors())
     plan = plan_contender(optimizer, PlanInput(num_predictors=p, train_size=len(data["train"]),
                                                dev_size=len(data["dev"]), budget=budget, demos=args.demos,
-                                               cap=getattr(args, "cap_calls", None) if budget is None else None))
+                                               cap=contender_cap(args, optimizer) if budget is None else None))
     from trprompt_dspy.models.dtype import cpu_info
 
     cell: dict[str, Any] = {"dataset": dataset, "optimizer": optimizer, "seed": seed, "budget": budget, "cpu": cpu_info(),
                             "num_predictors": p, "plan": {"settings": plan.settings, "predicted_calls": plan.predicted_calls,
                                                           "note": plan.note}}
+    if optimizer in (getattr(args, "cap_calls_for", None) or {}):
+        cell["cap_calls_for"] = args.cap_calls_for[optimizer]
     if optimizer == "copro":
         cell["plan"]["settings"] = {**plan.settings, "init_temperature": args.copro_temperature}
     logger.info("[%s | %s | seed %d] budget %s, settings %s", dataset, optimizer, seed, budget, plan.settings)
@@ -407,6 +411,11 @@ def scrub_paths(text: str) -> str:
     text = text.replace(str(REPO_ROOT), "<repo>")
     home = str(Path.home())
     return text.replace(home, "~") if len(home) > 1 else text
+
+
+def contender_cap(args: argparse.Namespace, optimizer: str) -> int | None:
+    """The call cap of one contender in ``native`` mode: its ``--cap-calls-for`` entry, else ``--cap-calls``."""
+    return (getattr(args, "cap_calls_for", None) or {}).get(optimizer, getattr(args, "cap_calls", None))
 
 
 def _fingerprint(args: argparse.Namespace, dataset: str) -> str:
@@ -526,6 +535,15 @@ def _budget_mode(value: str) -> int | str:
     return n
 
 
+def _named_cap(value: str) -> tuple[str, int]:
+    name, sep, n = value.partition("=")
+    if not sep or name not in CONTENDERS or not n.strip().isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--cap-calls-for takes NAME=N with NAME one of {', '.join(CONTENDERS)} and N >= 1 target-LM calls "
+            f"(e.g. mipro=400); got {value!r}.")
+    return name, int(n)
+
+
 def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None = None,
                    aux_inner: dspy.BaseLM | None = None, prompt_model: Any = None) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``<name>.json``, ``<name>.md`` and ``<name>.png``.
@@ -560,7 +578,9 @@ def run_comparison(args: argparse.Namespace, *, target_inner: dspy.BaseLM | None
     fingerprints = {d: _fingerprint(args, d) for d in args.dataset}
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
     for c in _read_cells(cells_path):
-        if c.get("fingerprint") == fingerprints.get(c.get("dataset")) and c.get("status") == "ok":
+        own_cap = (getattr(args, "cap_calls_for", None) or {}).get(c.get("optimizer"))
+        if c.get("fingerprint") == fingerprints.get(c.get("dataset")) and c.get("status") == "ok" \
+                and c.get("cap_calls_for") == own_cap:  # a per-contender cap that changed reruns that cell
             done[(c["dataset"], c["optimizer"], c["seed"])] = c
     if done:
         logger.info("Resuming: %d finished cells found in %s.", len(done), cells_path)
@@ -645,7 +665,8 @@ def write_outputs(args: argparse.Namespace, cells: list[dict[str, Any]], *, wall
             "train_size": args.train_size, "dev_size": args.dev_size, "test_size": args.test_size, "seeds": args.seeds,
             "datasets": args.dataset, "optimizers": args.optimizers, "budget_mode": args.budget_calls,
             "prompt_model": args.prompt_model, "num_threads": args.num_threads, "max_tokens": args.max_tokens,
-            "cap_calls": getattr(args, "cap_calls", None), "dev_eval": getattr(args, "dev_eval", False),
+            "cap_calls": getattr(args, "cap_calls", None), "cap_calls_for": getattr(args, "cap_calls_for", None) or {},
+            "dev_eval": getattr(args, "dev_eval", False),
             "servers": getattr(args, "servers", None),
             "copro_temperature": getattr(args, "copro_temperature", 1.4),
             "pending": list(getattr(args, "pending", None) or []),
@@ -689,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target-LM calls per compile: an int, 'trprompt' (TRPrompt light's measured calls) or 'native'")
     r.add_argument("--cap-calls", type=int, default=None, metavar="N",
                    help="native mode: size a contender whose own preset is predicted to exceed N target-LM calls to N")
+    r.add_argument("--cap-calls-for", type=_named_cap, action="append", default=None, metavar="NAME=N",
+                   help="native mode: cap one contender at N target-LM calls (repeatable); overrides --cap-calls")
     r.add_argument("--dev-eval", action="store_true",
                    help="also score every compiled program on the dev split (picks the stacked contender's base)")
     r.add_argument("--stack-on", default=None, metavar="NAME",
@@ -750,6 +773,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--cap-calls must be >= 1; got {args.cap_calls}.")
     if args.cap_calls is not None and args.budget_calls != "native":
         p.error("--cap-calls applies to --budget-calls native only (a numeric budget already sizes every contender).")
+    caps = dict(args.cap_calls_for or [])
+    if len(caps) != len(args.cap_calls_for or []):
+        p.error(f"--cap-calls-for names a contender twice: {args.cap_calls_for}.")
+    if caps and args.budget_calls != "native":
+        p.error("--cap-calls-for applies to --budget-calls native only (a numeric budget already sizes every contender).")
+    args.cap_calls_for = caps
     if args.stack_on is not None and (args.stack_on not in CONTENDERS or args.stack_on in TRPROMPT_CONTENDERS):
         others = ", ".join(c for c in CONTENDERS if c not in TRPROMPT_CONTENDERS)
         p.error(f"--stack-on must name a non-TRPrompt contender ({others}); got {args.stack_on!r}.")

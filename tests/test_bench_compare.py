@@ -21,7 +21,8 @@ from benchmarks._contenders import (
     copro_calls,
     plan_contender,
 )
-from benchmarks.compare_optimizers import load_benchmark_data, main
+from benchmarks._report import summarize
+from benchmarks.compare_optimizers import contender_cap, load_benchmark_data, main
 from tests.fakes import arithmetic_responder, output_fields, scripted_lm
 from trprompt_dspy.apps.stats import discordant_counts, mcnemar_exact, mean_std, paired_bootstrap
 
@@ -470,6 +471,41 @@ def test_native_cap_sizes_only_the_presets_over_it():
         plan_contender("simba", PlanInput(num_predictors=1, train_size=20, dev_size=5, budget=None, cap=0))
 
 
+def test_cap_calls_for_caps_one_contender_and_a_changed_cap_reruns_only_its_cell(tmp_path):
+    """--cap-calls-for NAME=N overrides --cap-calls for one contender, is recorded in its cell, and shows in labels."""
+    import argparse
+
+    args = argparse.Namespace(cap_calls=700, cap_calls_for={"mipro": 400})
+    assert contender_cap(args, "mipro") == 400 and contender_cap(args, "simba") == 700
+    mipro = plan_contender("mipro", PlanInput(num_predictors=1, train_size=200, dev_size=50, budget=None, cap=400))
+    assert "over the cap of 400" in mipro.note and mipro.predicted_calls <= 400 and mipro.settings["val_size"] < 50
+
+    lm = scripted_lm(_responder(_gold_by_question()))
+    report = main(_argv(tmp_path, "--cap-calls-for", "labeled=5"), target_inner=lm)
+    by = {(c["optimizer"], c["seed"]): c for c in report["cells"]}
+    assert by[("labeled", 0)]["cap_calls_for"] == 5 and "cap_calls_for" not in by[("zeroshot", 0)]
+    assert report["meta"]["cap_calls_for"] == {"labeled": 5}
+    calls = len(lm.engine.calls)
+    main(_argv(tmp_path, "--resume", "--cap-calls-for", "labeled=5"), target_inner=lm)
+    assert len(lm.engine.calls) == calls  # same cap: nothing reruns
+    report = main(_argv(tmp_path, "--resume", "--cap-calls-for", "labeled=6"), target_inner=lm)
+    assert len(lm.engine.calls) == calls + 2 * 6  # only LabeledFewShot's two seeds rerun, zero-shot is kept
+    assert {c["cap_calls_for"] for c in report["cells"] if c["optimizer"] == "labeled"} == {6}
+    assert len(report["cells"]) == 4
+
+    capped = copy.deepcopy(by[("labeled", 0)])
+    capped["plan"]["note"] = "native preset predicts 644 calls, over the cap of 400: sized to the cap"
+    assert summarize([capped])[0]["label"] == "LabeledFewShot (capped at 400 calls)"
+    assert summarize([by[("labeled", 0)]])[0]["label"] == "LabeledFewShot"
+    for bad in ("mipro", "nobody=3", "mipro=0", "mipro=x"):
+        with pytest.raises(SystemExit):
+            main(_argv(tmp_path, "--cap-calls-for", bad))
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--cap-calls-for", "mipro=3", "--cap-calls-for", "mipro=4"))
+    with pytest.raises(SystemExit):
+        main(_argv(tmp_path, "--cap-calls-for", "mipro=300", "--budget-calls", "50"))
+
+
 def test_cli_rejects_bad_stacking_and_cap_flags(tmp_path):
     with pytest.raises(SystemExit):
         main(_argv(tmp_path, "--stack-on", "trprompt"))
@@ -554,5 +590,10 @@ def test_a_killed_trprompt_compile_continues_under_resume_and_counts_every_attem
     assert [r["finished"] for r in rows] == [False, True] and rows[0]["calls"] == first_calls and rows[1]["cpu"]
     assert cell["compile"]["wall_s"] >= rows[0]["wall_s"] + rows[1]["wall_s"] - 0.01
     assert "last attempt" in cell["compile"]["prompt_model_scope"]
+    # Iteration 1's rollouts ran in the first attempt: their counts and time come back from rollout_stats.json.
+    it1 = cell["optimizer_stats"]["iterations"][1]
+    kept = json.loads((work / "trprompt" / "iter_001" / "rollout_stats.json").read_text())
+    assert it1["against_student"] == kept["against_student"] and sum(it1["against_student"].values()) > 0
+    assert it1["seconds"]["rollouts"] >= kept["seconds"] > 0
     md = (tmp_path / "results" / "tiny.md").read_text()
     assert f"{rows[0]['wall_s']:.0f} s / {first_calls} calls on {rows[0]['cpu']}" in md and "--resume" in md

@@ -34,7 +34,9 @@ class IterationStats:
         sft_steps / sft_loss: Fine-tune steps and per-step losses.
         redacted_rewards: Textual rewards in which the gold answer was redacted.
         filtered_instructions: Instructions dropped because they stated the answer.
-        seconds: Wall time per phase.
+        seconds: Wall time per phase. A phase that a killed run finished and a resumed run reloaded counts the
+            killed run's time where it was saved (rollouts, SFT); TextGrad and validation are redone or
+            reloaded at the resumed run's cost.
         against_student: What the iteration's sampled instructions did against the student's own answers on the
             same training queries: ``fixed``, ``broke``, ``kept`` (correct before and after), ``left_wrong``, and
             ``abstained`` (the prompt model wrote no instruction).

@@ -98,6 +98,8 @@ class TRPromptRun:
         self._val_abstention: float | None = None
         self._against_student: dict[str, int] = {}  # what this iteration's instructions did vs the student
         self._critiques: dict[str, int] = {}  # what happened to this iteration's reward-LM critiques
+        self._resumed_rollouts = False  # this iteration's rollouts / adapter came from an earlier, killed run
+        self._resumed_sft = False
         self._trained = False  # has the prompt model been fine-tuned in this run (see _conditioning)?
         self.t_history: list[str] = [self.t_star]
         self.stats: list[IterationStats] = []
@@ -191,9 +193,12 @@ class TRPromptRun:
         logger.info("==> TRPrompt iteration %d/%d", k + 1, self.budget.num_iterations)
         with _timed(seconds, "rollouts"):
             rollouts = self._rollouts(k, program, d)
+        self._keep_rollout_stats(d, seconds)
         with _timed(seconds, "sft"):
             sft_examples, n_filtered = self._sft_data(k, rollouts, d)
             train = self._train(k, sft_examples, d)
+        if self._resumed_sft:  # trained by an earlier, killed run: count its training time, not the reload
+            seconds["sft"] = float(train.get("seconds") or 0.0) + seconds["sft"]
         previous = self.t_star
         with _timed(seconds, "textgrad"):
             accepted = self._refine(k, program, d)
@@ -240,6 +245,7 @@ class TRPromptRun:
         final = d / "rollouts.json"
         saved = self.run_dir.read_json(final)
         self._against_student, self._critiques = {}, {}  # this iteration's, never a previous one's
+        self._resumed_rollouts = saved is not None
         if saved is not None:
             self.metric_calls += len(saved)
             return [Rollout.from_dict(r) for r in saved]
@@ -337,6 +343,25 @@ class TRPromptRun:
             cache.update({r.example_index: r for r in fresh})
         return {i: cache[i] for i in indices if i in cache}
 
+    def _keep_rollout_stats(self, d: Path, seconds: dict[str, float]) -> None:
+        """Keep this iteration's rollout counts and time across a kill (``rollout_stats.json``).
+
+        Written once, right after ``rollouts.json``; a resumed run that reloads the rollouts reads the counts
+        against the student, the critique tally and the rollouts' wall time back instead of reporting an
+        iteration with empty counts and a rollout phase of 0 s. A run killed before the file was written
+        (a few milliseconds after ``rollouts.json``) reports the counts as unknown (empty), as before.
+        """
+        path = d / "rollout_stats.json"
+        if not self._resumed_rollouts:
+            self.run_dir.write_json(path, {"against_student": self._against_student, "critiques": self._critiques,
+                                           "seconds": seconds.get("rollouts", 0.0)})
+            return
+        saved = self.run_dir.read_json(path)
+        if saved is not None:
+            self._against_student = dict(saved.get("against_student") or {})
+            self._critiques = dict(saved.get("critiques") or {})
+            seconds["rollouts"] = float(saved.get("seconds") or 0.0) + seconds.get("rollouts", 0.0)
+
     def _log_against_student(self, k: int, live: list[Any], students: dict[int, Any]) -> dict[str, int]:
         """Count and log what this iteration's instructions did against the student's own answers."""
         from trprompt_dspy.loop.student_reference import count_against_student
@@ -395,6 +420,7 @@ class TRPromptRun:
 
         saved = self.run_dir.read_json(d / "train.json")
         adapter = d / "adapter"
+        self._resumed_sft = saved is not None and adapter.is_dir()
         if saved is not None and adapter.is_dir():
             self.pm.load_adapter(adapter)
             self._trained = True
