@@ -134,7 +134,7 @@ def test_role_limits_name_the_setting_of_each_role():
     limits = role_limits(target_lms=[target], reward_lm=target, textgrad_max_tokens=384)
     assert limits["target"].max_tokens == 512 and "your program's dspy.LM" in limits["target"].knob
     assert limits["reward"].max_tokens == 512 and "pass reward_lm=" in limits["reward"].knob  # the target doubles
-    assert limits["textgrad"].max_tokens == 384 and "TEXTGRAD_MAX_TOKENS" in limits["textgrad"].knob
+    assert limits["textgrad"].max_tokens == 384 and "textgrad_lm=dspy.LM(..., max_tokens=N)" in limits["textgrad"].knob
     assert "seed_writer" not in limits
     limits = role_limits(target_lms=[target, dspy.LM("openai/t2")], reward_lm=reward, textgrad_max_tokens=384,
                          seed_lm=reward, instruction_tokens=48)
@@ -173,6 +173,23 @@ def test_compile_reports_truncated_replies_once_per_role_and_iteration(tmp_path,
     tg_lines = [line for line in lines if line.startswith("TextGrad LM:")]
     assert len(tg_lines) == 2 and all("max_tokens=384" in line and "TEXTGRAD_MAX_TOKENS" in line for line in tg_lines)
     assert not [line for line in lines if line.startswith(("target LM:", "LM (no role)"))]  # target replies were whole
+
+
+def test_textgrad_calls_take_the_cap_of_the_textgrad_lm(tmp_path, caplog, dspy_records):
+    """A textgrad_lm built with max_tokens=N is asked for N tokens per TextGrad call (not the 384 default)."""
+    caplog.set_level(logging.WARNING, logger=SUMMARY_LOGGER)
+    asked = []
+
+    class Recording(TruncatingEngine):
+        def complete(self, request):
+            asked.append(request.config.max_tokens if request.config else None)
+            return super().complete(request)
+
+    tg = dspy.LM("local/tg", engine=Recording(arithmetic_responder), cache=False, max_tokens=900)
+    _compile(tmp_path, scripted_lm(arithmetic_responder, "reward"), tg)
+    assert asked and set(asked) == {900}
+    tg_lines = [line for line in summaries(caplog) if line.startswith("TextGrad LM:")]
+    assert tg_lines and all("max_tokens=900" in line for line in tg_lines)
 
 
 def test_a_failing_compile_removes_the_filter_and_reports_its_truncations(tmp_path, caplog, dspy_records):

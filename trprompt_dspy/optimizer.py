@@ -90,7 +90,8 @@ class TRPromptOptimizer(Teleprompter):
             pinned to its own adapter (:class:`~trprompt_dspy.backends.prompt_model.pinned.PinnedPromptModel`), so a
             later compile never changes an earlier compiled program.
         reward_lm: The textual reward model R. Default: the target LM (the student's LM or ``dspy.settings.lm``).
-        textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``.
+        textgrad_lm: The LM behind TextGrad's gradients and updates. Default: ``reward_lm``. Its own
+            ``max_tokens`` caps each TextGrad reply; without one, ``loop.run.TEXTGRAD_MAX_TOKENS`` (384) does.
         seed_lm: If set, iteration 0's instructions come from this (stronger) ``dspy.LM`` instead of the
             untrained Π, which tends to solve the query instead of writing an instruction.
         auto: Budget preset, ``"light"``, ``"medium"`` or ``"heavy"``. Set this *or* explicit counts; with

@@ -123,7 +123,9 @@ class TRPromptResult:
             cut at ``max_tokens``), ``timeout``...; see :func:`trprompt_dspy.loop.rollouts.failure_breakdown`).
             :func:`trprompt_dspy.loop.rollouts.describe_failures` puts one phase in words.
         seed, log_dir, budget: How to reproduce the run.
-        seconds: Total wall time of the compile.
+        seconds: Wall time of this ``compile`` call. A compile resumed from ``log_dir`` counts only its own
+            time, not the killed run's; the phases of every iteration, restored ones included, are in
+            ``iterations[k].seconds``.
         instructions: Instructions the prompt model wrote during the compile and how many hit the token cap
             (``{"instructions", "hit_cap", "hit_cap_rate", "max_instruction_tokens"}``; empty when the backend
             does not report why generation stopped). A capped instruction ends mid-sentence.

@@ -34,8 +34,26 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RunSettings", "TRPromptRun"]
 
-#: Output cap of each TextGrad call (gradient, update); t* itself is asked to stay under 120 words.
+#: Output cap of each TextGrad call (gradient, update) when ``textgrad_lm`` sets no ``max_tokens`` of its own;
+#: t* itself is asked to stay under 120 words.
 TEXTGRAD_MAX_TOKENS = 384
+
+
+def textgrad_max_tokens(textgrad_lm: Any) -> int:
+    """The output cap of TextGrad's calls: ``textgrad_lm``'s own ``max_tokens``, else :data:`TEXTGRAD_MAX_TOKENS`.
+
+    A small model's TextGrad replies (feedback, then the update inside ``<IMPROVED_VARIABLE>`` tags) often run
+    past 384 tokens; a cut update loses its closing tag and the step is abandoned. So the ``max_tokens`` you
+    gave the LM wins, as for every other role.
+
+    Example:
+        >>> import dspy
+        >>> textgrad_max_tokens(dspy.LM("openai/x", max_tokens=768)), textgrad_max_tokens(dspy.LM("openai/x"))
+        (768, 384)
+    """
+    from trprompt_dspy.runtime.log_noise import lm_max_tokens
+
+    return lm_max_tokens(textgrad_lm) or TEXTGRAD_MAX_TOKENS
 
 
 #: TextGrad step failures that count against the error budget (rejections such as "leak" do not).
@@ -458,7 +476,8 @@ class TRPromptRun:
 
         rng = random.Random(self.settings.seed * 1000 + 500 + k)
         batch = rng.sample(self.trainset, min(self.budget.textgrad_batch_size, len(self.trainset)))
-        engine = DSPyTextGradEngine(self.textgrad_lm, max_tokens=TEXTGRAD_MAX_TOKENS, retry=self.retry)
+        engine = DSPyTextGradEngine(self.textgrad_lm, max_tokens=textgrad_max_tokens(self.textgrad_lm),
+                                    retry=self.retry)
 
         def evaluate(t: str) -> Any:
             self.metric_calls += len(batch)
@@ -693,7 +712,7 @@ class TRPromptRun:
         from trprompt_dspy.runtime.log_noise import role_limits, summarize_truncations
 
         limits = role_limits(target_lms=[p.lm or dspy.settings.lm for _, p in self.student.named_predictors()],
-                             reward_lm=self.reward_lm, textgrad_max_tokens=TEXTGRAD_MAX_TOKENS,
+                             reward_lm=self.reward_lm, textgrad_max_tokens=textgrad_max_tokens(self.textgrad_lm),
                              seed_lm=self.settings.seed_lm, instruction_tokens=self.settings.max_instruction_tokens)
         return summarize_truncations(limits, calls=lambda: self.meter.snapshot()["calls"])
 

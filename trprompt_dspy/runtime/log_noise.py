@@ -137,7 +137,8 @@ _ROLE_NAMES = {"target": "target LM", "reward": "reward LM", "textgrad": "TextGr
                "seed_writer": "seed LM", UNATTRIBUTED: "LM (no role)"}
 
 
-def _lm_max_tokens(lm: Any) -> int | None:
+def lm_max_tokens(lm: Any) -> int | None:
+    """The ``max_tokens`` a ``dspy.LM`` was built with (or ``max_completion_tokens``); ``None`` if it set none."""
     kwargs = getattr(lm, "kwargs", None) or {}
     value = kwargs.get("max_tokens", kwargs.get("max_completion_tokens"))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -150,15 +151,15 @@ def role_limits(*, target_lms: Sequence[Any], reward_lm: Any, textgrad_max_token
     Args:
         target_lms: The program's LMs (the target). Their ``max_tokens`` is yours: ``dspy.LM(..., max_tokens=N)``.
         reward_lm: The reward LM (by default one of ``target_lms``; then raising it means passing ``reward_lm=``).
-        textgrad_max_tokens: The cap of every TextGrad call (``trprompt_dspy.loop.run.TEXTGRAD_MAX_TOKENS``),
-            which overrides ``textgrad_lm``'s own ``max_tokens``.
+        textgrad_max_tokens: The cap of every TextGrad call: ``textgrad_lm``'s own ``max_tokens``, or
+            ``trprompt_dspy.loop.run.TEXTGRAD_MAX_TOKENS`` when it set none (``textgrad_max_tokens()`` there).
         seed_lm: The iteration-0 instruction writer, if any.
         instruction_tokens: Its cap (``max_instruction_tokens``).
 
     Returns:
         ``{role: RoleLimit}`` for ``"target"``, ``"reward"``, ``"textgrad"`` and, with a seed LM, ``"seed_writer"``.
     """
-    caps = tuple(dict.fromkeys(_lm_max_tokens(lm) for lm in target_lms))
+    caps = tuple(dict.fromkeys(lm_max_tokens(lm) for lm in target_lms))
     shared = any(reward_lm is lm for lm in target_lms)
     limits = {
         "target": RoleLimit(
@@ -167,14 +168,14 @@ def role_limits(*, target_lms: Sequence[Any], reward_lm: Any, textgrad_max_token
             "--max-tokens N`; ModelStack(max_tokens=N))",
             "A cut-off answer can lose its output fields and score as a failure."),
         "reward": RoleLimit(
-            _lm_max_tokens(reward_lm),
+            lm_max_tokens(reward_lm),
             "pass reward_lm=dspy.LM(..., max_tokens=N) (reward_lm defaults to the target LM)" if shared
             else "raise max_tokens of reward_lm (dspy.LM(..., max_tokens=N))",
             "Cut-off critiques are still used as textual rewards (one cut before its field is a reward failure)."),
         "textgrad": RoleLimit(
             textgrad_max_tokens,
-            "raise trprompt_dspy.loop.run.TEXTGRAD_MAX_TOKENS (TextGrad's calls are capped there, not by "
-            "textgrad_lm's max_tokens)",
+            "pass textgrad_lm=dspy.LM(..., max_tokens=N) (an LM without max_tokens gets "
+            "trprompt_dspy.loop.run.TEXTGRAD_MAX_TOKENS)",
             "A cut-off update can lose its <IMPROVED_VARIABLE> tags; that step is then abandoned and t* kept."),
     }
     if seed_lm is not None:
