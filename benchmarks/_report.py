@@ -349,7 +349,6 @@ def plot_accuracy_vs_calls(rows: Sequence[dict[str, Any]], path: str | Path, tit
             marker = "*" if r["optimizer"].startswith("trprompt") else "o"
             ax.errorbar([x], [y], yerr=[100 * r["accuracy_std"]], xerr=[r["calls_std"]], fmt=marker,
                         markersize=12 if marker == "*" else 7, capsize=3, label=r["label"])
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         xmax = max([r["calls_mean"] + r["calls_std"] for r in done if r["dataset"] == dataset] or [1.0])
         if xmax > 100:  # zero-call contenders sit at 0, the rest spread over orders of magnitude
             ax.set_xscale("symlog", linthresh=10)
@@ -363,6 +362,8 @@ def plot_accuracy_vs_calls(rows: Sequence[dict[str, Any]], path: str | Path, tit
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
+        if any(r["dataset"] == dataset for r in done):  # a legend, not labels: close points would overlap them
+            ax.legend(fontsize=7, loc="best", numpoints=1)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
